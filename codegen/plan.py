@@ -1,0 +1,224 @@
+"""The Plan: one resolved target (model x device x policy x layout), the only source of dtypes.
+
+Everything downstream reads dtypes from here: the templates render kernels from
+``Plan.kernels``, ``manifest.json`` lists the kernels, buffers and launch sequence, and
+``packing.json`` tells the loader what to pack. Because kernel signatures and packed buffers
+are both derived from the same ``Plan.weights`` entries, they cannot disagree on a dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .dtypes import DTYPES, DType
+from .kernels import FAMILIES, FIELD_SHORT, INDEX_KINDS, PTR_KINDS, KernelFamily
+from .specs import Device, ModelSpec, Policy, Specs, check_runs_on
+from .yamlsrc import SpecError
+
+INDEX = "index"
+
+
+@dataclass(frozen=True)
+class RoleDTypes:
+    storage: str
+    compute: str | None = None
+    accumulate: str | None = None
+    output: str | None = None
+    quant: str | None = None
+    scale: str | None = None
+
+
+@dataclass
+class PackedWeight:
+    """One buffer the loader packs and a kernel reads (``{i}`` in the name for per-layer ones)."""
+    name: str
+    role: str
+    sources: list[str]            # HF tensor names, rows concatenated in this order
+    source_shapes: list[list[str]]
+    shape: list[str]
+    per_layer: bool
+    storage: str
+    quant: str | None
+    scale: str | None             # name of the packed scale buffer
+    scale_dtype: str | None
+    tied_to: dict | None          # {"source": hf name, "when": config symbol} for tied tensors
+
+
+@dataclass
+class Buffer:
+    name: str
+    dtype: str                    # a DTYPES key or "index"
+    shape: list[str]
+    view_of: str | None = None
+    offset: str = "0"
+
+
+@dataclass
+class KernelInstance:
+    name: str
+    family: KernelFamily
+    dtypes: dict[str, str]        # pointer param or role field -> dtype name
+
+    def t(self) -> dict[str, DType]:
+        return {k: DTYPES[v] for k, v in self.dtypes.items()}
+
+
+@dataclass
+class Launch:
+    op: str
+    kernel: str
+    per_layer: bool
+    args: list[dict]              # ordered like the kernel's parameters
+    grid: str
+    block: str
+
+
+@dataclass
+class Plan:
+    target: str
+    model: ModelSpec
+    device: Device
+    policy: Policy
+    layout: str
+    roles: dict[str, RoleDTypes]
+    weights: dict[str, PackedWeight] = field(default_factory=dict)
+    buffers: dict[str, Buffer] = field(default_factory=dict)
+    kernels: dict[str, KernelInstance] = field(default_factory=dict)
+    launches: list[Launch] = field(default_factory=list)
+
+    def role_dtype(self, ref: str) -> str:
+        """'<role>.<field>' -> dtype name, or 'index'."""
+        if ref == INDEX:
+            return INDEX
+        role, _, fld = ref.partition(".")
+        return getattr(self.roles[role], fld)
+
+
+def target_name(device: str, policy: str, layout: str) -> str:
+    return f"{device}.{policy}.{layout}"
+
+
+def resolve(specs: Specs, device: str, policy: str, layout: str, model: str = "llama") -> Plan:
+    m = specs.models[model]
+    dev = specs.devices[device]
+    pol = specs.policies[model][policy]
+    check_runs_on(pol, dev)
+    roles = {r: RoleDTypes(**pol.roles[r]) for r in m.roles}
+    plan = Plan(target_name(device, policy, layout), m, dev, pol, layout, roles)
+    _resolve_weights(plan)
+    _resolve_buffers(plan)
+    _resolve_launches(plan)
+    return plan
+
+
+def _in_layout(item_layout: str | None, layout: str) -> bool:
+    return item_layout is None or item_layout == layout
+
+
+def _resolve_weights(plan: Plan) -> None:
+    m = plan.model
+    for w in m.weights.values():
+        if not _in_layout(w.layout, plan.layout):
+            continue
+        dts = {plan.roles[r] for r in w.roles}
+        if len(dts) > 1:
+            r0, r1 = w.roles[0], next(r for r in w.roles if plan.roles[r] != plan.roles[w.roles[0]])
+            diff = next(f for f in ("storage", "compute", "accumulate", "output", "quant", "scale")
+                        if getattr(plan.roles[r0], f) != getattr(plan.roles[r1], f))
+            raise plan.policy.error(r1, diff if (r1, diff) in plan.policy.origin else "storage",
+                                    getattr(plan.roles[r1], diff),
+                                    f"layout {plan.layout} fuses {', '.join(w.roles)} into one weight {w.name}, so they must "
+                                    f"share dtypes; {r0}.{diff} is {getattr(plan.roles[r0], diff)}")
+        rd = plan.roles[w.roles[0]]
+        tensors = [m.tensors[t] for t in w.sources]
+        per_layer = tensors[0].per_layer
+        rows = " + ".join(f"({t.shape[0]})" if len(w.sources) > 1 else t.shape[0] for t in tensors)
+        shape = [rows] + list(tensors[0].shape[1:])
+        name = f"layers.{{i}}.{w.name}" if per_layer else w.name
+        tied = None
+        if len(tensors) == 1 and tensors[0].tied_to:
+            tied = {"source": m.tensors[tensors[0].tied_to].hf, "when": tensors[0].tied_when}
+        plan.weights[w.name] = PackedWeight(
+            name=name, role=w.roles[0], sources=[t.hf for t in tensors], source_shapes=[list(t.shape) for t in tensors],
+            shape=shape, per_layer=per_layer, storage=rd.storage, quant=rd.quant,
+            scale=f"{name}.scale" if rd.quant else None, scale_dtype=rd.scale, tied_to=tied)
+
+
+def _resolve_buffers(plan: Plan) -> None:
+    for b in plan.model.buffers.values():
+        if not _in_layout(b.layout, plan.layout):
+            continue
+        view = b.views.get(plan.layout)
+        buf = Buffer(b.name, plan.role_dtype(b.dtype), list(b.shape))
+        if view:
+            buf.view_of, buf.offset = view
+            parent = plan.model.buffers[view[0]]
+            if plan.role_dtype(parent.dtype) != buf.dtype:
+                raise plan.policy.error(*b.dtype.split("."), buf.dtype,
+                                        f"in layout {plan.layout} buffer {b.name} is a view of {parent.name}, "
+                                        f"whose dtype is {plan.role_dtype(parent.dtype)} ({parent.dtype}); they must match")
+        plan.buffers[b.name] = buf
+
+
+def _resolve_launches(plan: Plan) -> None:
+    m = plan.model
+    for op in m.decode_step:
+        if not _in_layout(op.layout, plan.layout):
+            continue
+        fam = FAMILIES[op.kernel]
+        dtypes: dict[str, str] = {}
+        args: list[dict] = []
+        for prm in fam.params:
+            if prm.scale_of is not None:
+                w = plan.weights.get(op.args[prm.scale_of])
+                if w is None or w.quant is None:
+                    continue
+                dtypes[prm.name] = w.scale_dtype
+                args.append({"param": prm.name, "kind": prm.kind, "buffer": w.scale, "dtype": w.scale_dtype,
+                             "shape": [w.shape[0]], "weight": True})
+                continue
+            v = op.args[prm.name]
+            if prm.kind in PTR_KINDS or prm.kind in INDEX_KINDS:
+                base, layer = (v[:-3], True) if v.endswith("[i]") else (v, False)
+                if base in plan.weights:
+                    w = plan.weights[base]
+                    a = {"param": prm.name, "kind": prm.kind, "buffer": w.name, "dtype": w.storage,
+                         "shape": w.shape, "weight": True}
+                else:
+                    if base not in plan.buffers:
+                        raise m.src.error(("decode_step",), v, f"op {op.op} binds {base}, which layout {plan.layout} lacks")
+                    b = plan.buffers[base]
+                    a = {"param": prm.name, "kind": prm.kind, "buffer": base, "dtype": b.dtype,
+                         "shape": b.shape[1:] if layer else b.shape, "weight": False}
+                    if layer:
+                        a["layer_slice"] = True
+                if prm.kind in PTR_KINDS:
+                    dtypes[prm.name] = a["dtype"]
+                args.append(a)
+            else:
+                args.append({"param": prm.name, "kind": prm.kind, "value": v})
+        for f in fam.role_fields:
+            dtypes[f] = getattr(plan.roles[op.role], f)
+        name = instance_name(fam, dtypes)
+        plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes))
+        plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block))
+
+
+def instance_name(fam: KernelFamily, dtypes: dict[str, str]) -> str:
+    """``gemv_wf16_xf32_yf32_cf32_af32``: every operand's dtype, in parameter order, then role fields."""
+    parts = [f"{p.short}{dtypes[p.name]}" for p in fam.params if p.name in dtypes]
+    parts += [f"{FIELD_SHORT[f]}{dtypes[f]}" for f in fam.role_fields]
+    return "_".join([fam.template] + parts)
+
+
+def all_targets(specs: Specs, model: str = "llama") -> list[tuple[str, str, str]]:
+    """Every (device, policy, layout) whose policy runs on the device, in a stable order."""
+    out = []
+    m = specs.models[model]
+    for dname, dev in sorted(specs.devices.items()):
+        for pname, pol in sorted(specs.policies[model].items()):
+            try:
+                check_runs_on(pol, dev)
+            except SpecError:
+                continue
+            out += [(dname, pname, layout) for layout in m.layouts]
+    return out

@@ -1,0 +1,476 @@
+"""Load and validate the spec folder: models/, policies/, devices/.
+
+Every check that can fail raises a SpecError naming the file, the line, the key, what was
+found and what is allowed. After ``load_specs`` returns, every name that can reach
+generated C is a C identifier (or a dtype from the closed set), every expression parses
+with known symbols, every policy is complete, and every device's default policy runs on it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import expr
+from .dtypes import ARITH_DTYPES, DTYPES, QUANT_SCHEMES, SCALE_DTYPES, STORAGE_DTYPES
+from .kernels import FAMILIES, INDEX_KINDS, PTR_KINDS
+from .yamlsrc import Source, SpecError, load
+
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")          # policy / device / model names (file stems)
+ARCH = re.compile(r"^sm_[0-9]{2,3}[a-z]?$")
+HF_NAME = re.compile(r"^[A-Za-z0-9_.]+(\{i\}[A-Za-z0-9_.]*)?$")
+
+POLICY_FIELDS = ("storage", "compute", "accumulate", "output", "quant", "scale")
+FIELD_ALLOWED = {"storage": STORAGE_DTYPES, "compute": ARITH_DTYPES, "accumulate": ARITH_DTYPES,
+                 "output": ARITH_DTYPES, "quant": QUANT_SCHEMES, "scale": SCALE_DTYPES}
+CAPABILITIES = {"native_f16_arith": bool, "native_bf16_arith": bool, "fp8_convert": bool,
+                "tensor_cores": bool, "smem_per_block": int}
+CONFIG_TYPES = {"int": int, "float": float, "bool": bool}
+
+
+def _allowed(xs) -> str:
+    return "allowed: " + ", ".join(map(str, xs))
+
+
+def _mapping(src: Source, path: tuple, value: Any, required: dict, optional: dict = {}) -> dict:
+    """Check ``value`` is a mapping with exactly the required keys and some optional ones.
+
+    ``required``/``optional`` map key -> type (or tuple of types) that the value must have.
+    """
+    if not isinstance(value, dict):
+        raise src.error(path, value, "expected a mapping")
+    known = {**required, **optional}
+    for k, v in value.items():
+        if k not in known:
+            raise src.error(path + (k,), k, f"unknown key; {_allowed(known)}")
+        if known[k] is not None and not isinstance(v, known[k]) or (known[k] in (int, float) and isinstance(v, bool)):
+            want = known[k].__name__ if isinstance(known[k], type) else " or ".join(t.__name__ for t in known[k])
+            raise src.error(path + (k,), v, f"expected {want}")
+    for k in required:
+        if k not in value:
+            raise src.error(path, f"<no '{k}'>", f"'{k}' is required")
+    return value
+
+
+def _ident(src: Source, path: tuple, name: Any, pattern=IDENT, what="a C identifier") -> str:
+    if not isinstance(name, str) or not pattern.match(name):
+        raise src.error(path, name, f"must be {what} ({pattern.pattern})")
+    return name
+
+
+def _expr(src: Source, path: tuple, text: Any, symbols) -> str:
+    try:
+        return expr.parse(text, symbols)
+    except expr.ExprError as e:
+        raise src.error(path, text, str(e)) from None
+
+
+# ----------------------------------------------------------------------------- model
+
+@dataclass
+class ConfigSym:
+    name: str
+    hf: str
+    type: str
+    default: Any = None        # literal, or an expression over other int symbols
+
+
+@dataclass
+class Tensor:
+    name: str
+    hf: str
+    shape: tuple[str, ...]
+    per_layer: bool
+    tied_to: str | None
+    tied_when: str | None
+
+
+@dataclass
+class WeightDef:
+    name: str
+    roles: tuple[str, ...]
+    sources: tuple[str, ...]
+    layout: str | None
+
+
+@dataclass
+class BufferDef:
+    name: str
+    dtype: str                          # "index" or "<role>.<field>"
+    shape: tuple[str, ...]
+    layout: str | None
+    views: dict[str, tuple[str, str]]   # layout -> (buffer, offset expr)
+
+
+@dataclass
+class OpDef:
+    op: str
+    kernel: str
+    role: str | None
+    per_layer: bool
+    layout: str | None
+    args: dict[str, str]
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    src: Source
+    config: dict[str, ConfigSym]
+    roles: dict[str, tuple[str, ...]]
+    role_docs: dict[str, str]
+    tensors: dict[str, Tensor]
+    layouts: dict[str, str]
+    weights: dict[str, WeightDef]
+    buffers: dict[str, BufferDef]
+    decode_step: list[OpDef]
+
+    @property
+    def int_symbols(self) -> list[str]:
+        return [s for s, c in self.config.items() if c.type == "int"]
+
+
+def load_model(path: Path) -> ModelSpec:
+    src = load(path)
+    d = _mapping(src, (), src.data, {"name": str, "config": dict, "roles": dict, "tensors": dict, "layouts": dict,
+                                     "weights": dict, "buffers": dict, "decode_step": list})
+    _ident(src, ("name",), d["name"], NAME, "a lowercase name")
+    if d["name"] != path.stem:
+        raise src.error(("name",), d["name"], f"must equal the file name '{path.stem}'")
+
+    config: dict[str, ConfigSym] = {}
+    for s, c in d["config"].items():
+        p = ("config", s)
+        _ident(src, p, s)
+        _mapping(src, p, c, {"hf": str, "type": str}, {"default": (int, float, bool, str)})
+        if c["type"] not in CONFIG_TYPES:
+            raise src.error(p + ("type",), c["type"], _allowed(CONFIG_TYPES))
+        config[s] = ConfigSym(s, c["hf"], c["type"], c.get("default"))
+    ints = [s for s, c in config.items() if c.type == "int"]
+    floats = [s for s, c in config.items() if c.type == "float"]
+    for s, c in config.items():
+        if isinstance(c.default, str):
+            if c.type != "int":
+                raise src.error(("config", s, "default"), c.default, "only int symbols may default to an expression")
+            c.default = _expr(src, ("config", s, "default"), c.default, [x for x in ints if x != s])
+
+    roles, docs = {}, {}
+    for r, rd in d["roles"].items():
+        p = ("roles", r)
+        _ident(src, p, r)
+        _mapping(src, p, rd, {"fields": list}, {"doc": str})
+        for i, f in enumerate(rd["fields"]):
+            if f not in POLICY_FIELDS:
+                raise src.error(p + ("fields", i), f, _allowed(POLICY_FIELDS))
+        if "storage" not in rd["fields"]:
+            raise src.error(p + ("fields",), rd["fields"], "every role has a 'storage' field")
+        roles[r], docs[r] = tuple(rd["fields"]), rd.get("doc", "")
+
+    layouts = {}
+    for lname, ld in d["layouts"].items():
+        _ident(src, ("layouts", lname), lname)
+        _mapping(src, ("layouts", lname), ld, {}, {"doc": str})
+        layouts[lname] = ld.get("doc", "")
+
+    def layout_ref(path, v):
+        if v is not None and v not in layouts:
+            raise src.error(path, v, _allowed(layouts))
+        return v
+
+    tensors = {}
+    for t, td in d["tensors"].items():
+        p = ("tensors", t)
+        _ident(src, p, t)
+        _mapping(src, p, td, {"hf": str, "shape": list}, {"per_layer": bool, "tied_to": str, "tied_when": str})
+        per_layer = td.get("per_layer", False)
+        _ident(src, p + ("hf",), td["hf"], HF_NAME, "a checkpoint tensor name ({i} marks the layer)")
+        if per_layer != ("{i}" in td["hf"]):
+            raise src.error(p + ("hf",), td["hf"], "per_layer tensors name their layer with {i}, others must not")
+        shape = tuple(_expr(src, p + ("shape", i), e, ints) for i, e in enumerate(td["shape"]))
+        tensors[t] = Tensor(t, td["hf"], shape, per_layer, td.get("tied_to"), td.get("tied_when"))
+    for t in tensors.values():
+        p = ("tensors", t.name)
+        if t.tied_to is not None:
+            if t.tied_to not in tensors:
+                raise src.error(p + ("tied_to",), t.tied_to, _allowed(tensors))
+            if tensors[t.tied_to].shape != t.shape:
+                raise src.error(p + ("tied_to",), t.tied_to, f"a tied tensor must have the same shape {list(t.shape)}")
+            if t.tied_when is None or config.get(t.tied_when, ConfigSym("", "", "")).type != "bool":
+                raise src.error(p + ("tied_when",), t.tied_when, "must name a bool config symbol: " +
+                                ", ".join(s for s, c in config.items() if c.type == "bool"))
+
+    weights = {}
+    for w, wd in d["weights"].items():
+        p = ("weights", w)
+        _ident(src, p, w)
+        _mapping(src, p, wd, {"role": (str, list), "from": list}, {"layout": str})
+        wroles = tuple(wd["role"]) if isinstance(wd["role"], list) else (wd["role"],) * len(wd["from"])
+        if len(wroles) != len(wd["from"]):
+            raise src.error(p + ("role",), wd["role"], f"one role per source tensor ({len(wd['from'])})")
+        for i, r in enumerate(wroles):
+            if r not in roles:
+                raise src.error(p + ("role",), r, _allowed(roles))
+        for i, t in enumerate(wd["from"]):
+            if t not in tensors:
+                raise src.error(p + ("from", i), t, _allowed(tensors))
+        srcs = [tensors[t] for t in wd["from"]]
+        if len({s.per_layer for s in srcs}) > 1 or len({s.shape[1:] for s in srcs}) > 1:
+            raise src.error(p + ("from",), wd["from"], "fused tensors must agree on per_layer and on every dim but the first")
+        weights[w] = WeightDef(w, wroles, tuple(wd["from"]), layout_ref(p + ("layout",), wd.get("layout")))
+
+    buffers = {}
+    for b, bd in d["buffers"].items():
+        p = ("buffers", b)
+        _ident(src, p, b)
+        _mapping(src, p, bd, {"dtype": str, "shape": list}, {"layout": str, "view_in": dict})
+        if bd["dtype"] != "index":
+            role, _, fld = bd["dtype"].partition(".")
+            if role not in roles or fld not in roles[role]:
+                raise src.error(p + ("dtype",), bd["dtype"], "must be 'index' or <role>.<field> with a field the role has")
+        shape = tuple(_expr(src, p + ("shape", i), e, ints) for i, e in enumerate(bd["shape"]))
+        views = {}
+        for lname, vd in bd.get("view_in", {}).items():
+            layout_ref(p + ("view_in", lname), lname)
+            _mapping(src, p + ("view_in", lname), vd, {"of": str, "offset": (int, str)})
+            views[lname] = (vd["of"], _expr(src, p + ("view_in", lname, "offset"), vd["offset"], ints))
+        buffers[b] = BufferDef(b, bd["dtype"], shape, layout_ref(p + ("layout",), bd.get("layout")), views)
+    for b in buffers.values():
+        for lname, (of, _) in b.views.items():
+            if of not in buffers or buffers[of].views:
+                raise src.error(("buffers", b.name, "view_in", lname, "of"), of, "must name a buffer that is not itself a view")
+
+    decode_step = []
+    for n, od in enumerate(d["decode_step"]):
+        p = ("decode_step", n)
+        _mapping(src, p, od, {"op": str, "kernel": str, "args": dict}, {"role": str, "per_layer": bool, "layout": str})
+        _ident(src, p + ("op",), od["op"])
+        fam = FAMILIES.get(od["kernel"])
+        if fam is None:
+            raise src.error(p + ("kernel",), od["kernel"], _allowed(FAMILIES))
+        role = od.get("role")
+        if fam.role_fields:
+            if role not in roles:
+                raise src.error(p + ("role",), role, f"kernel {fam.template} computes in a role's dtypes; {_allowed(roles)}")
+            missing = [f for f in fam.role_fields if f not in roles[role]]
+            if missing:
+                raise src.error(p + ("role",), role, f"kernel {fam.template} needs a role with fields {list(fam.role_fields)}")
+        elif role is not None:
+            raise src.error(p + ("role",), role, f"kernel {fam.template} takes no role (it does no arithmetic)")
+        args = {}
+        names = [q.name for q in fam.spec_params]
+        for a, v in od["args"].items():
+            if a not in names:
+                raise src.error(p + ("args", a), a, f"kernel {fam.template} takes {', '.join(names)}")
+        for prm in fam.spec_params:
+            ap = p + ("args", prm.name)
+            if prm.name not in od["args"]:
+                raise src.error(p + ("args",), f"<no '{prm.name}'>", f"kernel {fam.template} takes {', '.join(names)}")
+            v = od["args"][prm.name]
+            if prm.kind in PTR_KINDS or prm.kind in INDEX_KINDS:
+                m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(\[i\])?", str(v))
+                target = m and m.group(1)
+                if not m or (target not in buffers and target not in weights):
+                    raise src.error(ap, v, "must name a buffer or weight (optionally `cache[i]` for layer i's slice); "
+                                    + _allowed(list(buffers) + list(weights)))
+                if (target in weights) and prm.kind != "in":
+                    raise src.error(ap, v, f"weights are read-only; parameter {prm.name} is {prm.kind}")
+                is_index = target in buffers and buffers[target].dtype == "index"
+                if is_index != (prm.kind in INDEX_KINDS):
+                    raise src.error(ap, v, f"parameter {prm.name} wants {'an index' if prm.kind in INDEX_KINDS else 'a dtype-policy'} buffer")
+                if m.group(2) and not od.get("per_layer"):
+                    raise src.error(ap, v, "[i] slices only make sense in per_layer ops")
+                args[prm.name] = str(v)
+            else:
+                syms = ints + floats if prm.kind == "float" else ints
+                args[prm.name] = _expr(src, ap, v, syms)
+        decode_step.append(OpDef(od["op"], od["kernel"], role, od.get("per_layer", False),
+                                 layout_ref(p + ("layout",), od.get("layout")), args))
+    return ModelSpec(d["name"], src, config, roles, docs, tensors, layouts, weights, buffers, decode_step)
+
+
+# ----------------------------------------------------------------------------- policies
+
+@dataclass
+class Policy:
+    name: str
+    description: str
+    extends: str | None
+    roles: dict[str, dict[str, str]]                  # resolved: role -> field -> value
+    origin: dict[tuple[str, str], tuple[Source, tuple]] = field(default_factory=dict)
+
+    def error(self, role: str, fld: str, found: Any, allowed: str) -> SpecError:
+        src, path = self.origin[(role, fld)]
+        return src.error(path, found, allowed)
+
+
+def _load_policy_file(path: Path, model: ModelSpec) -> tuple[Source, dict]:
+    src = load(path)
+    d = _mapping(src, (), src.data, {"name": str, "roles": dict}, {"extends": str, "description": str})
+    _ident(src, ("name",), d["name"], NAME, "a lowercase name")
+    if d["name"] != path.stem:
+        raise src.error(("name",), d["name"], f"must equal the file name '{path.stem}'")
+    for r, rd in d["roles"].items():
+        p = ("roles", r)
+        if r not in model.roles:
+            raise src.error(p, r, f"unknown role for model {model.name}; {_allowed(model.roles)}")
+        if not isinstance(rd, dict):
+            raise src.error(p, rd, "expected a mapping of field: value")
+        for f, v in rd.items():
+            if f not in model.roles[r]:
+                raise src.error(p + (f,), f, f"role {r} has no field '{f}'; {_allowed(model.roles[r])}")
+            if v not in FIELD_ALLOWED[f]:
+                raise src.error(p + (f,), v, _allowed(FIELD_ALLOWED[f]))
+    return src, d
+
+
+def load_policies(folder: Path, model: ModelSpec) -> dict[str, Policy]:
+    files = {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+    raw = {name: _load_policy_file(p, model) for name, p in files.items()}
+    resolved: dict[str, Policy] = {}
+
+    def resolve(name: str, chain: list[str]) -> Policy:
+        if name in resolved:
+            return resolved[name]
+        src, d = raw[name]
+        parent = d.get("extends")
+        roles: dict[str, dict[str, str]] = {}
+        origin: dict = {}
+        if parent is not None:
+            if parent not in raw:
+                raise src.error(("extends",), parent, f"no such policy in {folder}; {_allowed(raw)}")
+            if parent in chain + [name]:
+                cycle = " -> ".join(chain + [name, parent])
+                raise src.error(("extends",), parent, f"extends must not form a cycle ({cycle})")
+            base = resolve(parent, chain + [name])
+            roles = {r: dict(f) for r, f in base.roles.items()}
+            origin = dict(base.origin)
+        for r, rd in d["roles"].items():
+            roles.setdefault(r, {}).update(rd)
+            for f in rd:
+                origin[(r, f)] = (src, ("roles", r, f))
+        pol = Policy(name, d.get("description", ""), parent, roles, origin)
+        resolved[name] = pol
+        return pol
+
+    for name in raw:
+        resolve(name, [])
+    for pol in resolved.values():
+        _check_complete(pol, raw[pol.name][0], model)
+    return resolved
+
+
+def _check_complete(pol: Policy, src: Source, model: ModelSpec) -> None:
+    """After extends: every role present with every field it needs; quant/scale iff quantized storage."""
+    for r, fields in model.roles.items():
+        have = pol.roles.get(r)
+        if have is None:
+            raise src.error(("roles",), f"<no role '{r}'>", f"policy {pol.name} must set every role of model "
+                            f"{model.name} (directly or via extends); missing {r}")
+        storage = have.get("storage")
+        quantized = storage is not None and DTYPES[storage].quantized
+        for f in fields:
+            needed = f not in ("quant", "scale") or quantized
+            if needed and f not in have:
+                where = ("roles", r) if ("roles", r) in src.lines else ("roles",)
+                why = f" (storage {storage} is quantized: it needs quant and scale)" if f in ("quant", "scale") else ""
+                raise src.error(where, f"<no '{f}' for role {r}>", f"role {r} needs {f}{why}")
+            if not needed and f in have:
+                raise pol.error(r, f, have[f], f"role {r} stores {storage}, which is not quantized: remove {f}")
+
+
+# ----------------------------------------------------------------------------- devices
+
+@dataclass
+class Device:
+    name: str
+    kind: str
+    arch: str | None
+    default_policy: str
+    capabilities: dict[str, Any]
+    memory_gb: float | None
+    bandwidth_gbs: float | None
+    src: Source
+
+
+def load_device(path: Path) -> Device:
+    src = load(path)
+    d = _mapping(src, (), src.data, {"name": str, "kind": str, "default_policy": str, "capabilities": dict},
+                 {"arch": str, "memory_gb": (int, float), "bandwidth_gbs": (int, float)})
+    _ident(src, ("name",), d["name"], NAME, "a lowercase name")
+    if d["name"] != path.stem:
+        raise src.error(("name",), d["name"], f"must equal the file name '{path.stem}'")
+    if d["kind"] not in ("cuda", "cpu"):
+        raise src.error(("kind",), d["kind"], _allowed(("cuda", "cpu")))
+    if d["kind"] == "cuda":
+        if "arch" not in d:
+            raise src.error((), "<no 'arch'>", "a cuda device needs arch: sm_XX")
+        _ident(src, ("arch",), d["arch"], ARCH, "an SM architecture such as sm_90")
+    elif "arch" in d:
+        raise src.error(("arch",), d["arch"], "a cpu device has no arch")
+    _mapping(src, ("capabilities",), d["capabilities"], CAPABILITIES)
+    return Device(d["name"], d["kind"], d.get("arch"), d["default_policy"], d["capabilities"],
+                  d.get("memory_gb"), d.get("bandwidth_gbs"), src)
+
+
+# Which device capability each policy field needs for a dtype (from the dtype table).
+def requirement(fld: str, dtype_name: str) -> str | None:
+    dt = DTYPES.get(dtype_name)
+    if dt is None:
+        return None
+    if fld in ("compute", "accumulate"):
+        return dt.requires_as_compute or dt.requires_as_storage
+    if fld in ("storage", "output", "scale"):
+        return dt.requires_as_storage
+    return None
+
+
+def check_runs_on(pol: Policy, dev: Device) -> None:
+    """Raise a SpecError at the policy line a device cannot execute."""
+    for r, fields in pol.roles.items():
+        for f, v in fields.items():
+            need = requirement(f, v)
+            if need and not dev.capabilities.get(need, False):
+                cap_line = dev.src.line(("capabilities", need))
+                raise pol.error(r, f, v, f"device {dev.name} ({dev.arch}, {dev.src.path}:{cap_line}) cannot run it: "
+                                f"{v} as {f} needs {need}, which {dev.name} lacks")
+
+
+def runs_on(pol: Policy, dev: Device) -> bool:
+    try:
+        check_runs_on(pol, dev)
+        return True
+    except SpecError:
+        return False
+
+
+# ----------------------------------------------------------------------------- the folder
+
+@dataclass
+class Specs:
+    root: Path
+    models: dict[str, ModelSpec]
+    policies: dict[str, dict[str, Policy]]   # model -> policy name -> Policy
+    devices: dict[str, Device]
+
+
+DEFAULT_SPECS = Path(__file__).resolve().parent.parent / "specs"
+
+
+def load_specs(root: Path = DEFAULT_SPECS) -> Specs:
+    root = Path(root)
+    for sub in ("models", "policies", "devices"):
+        if not (root / sub).is_dir():
+            raise SpecError(root / sub, None, "<folder>", "<missing>", "a spec folder holds models/, policies/ and devices/")
+    models = {p.stem: load_model(p) for p in sorted((root / "models").glob("*.yaml"))}
+    if not models:
+        raise SpecError(root / "models", None, "<folder>", "<no *.yaml>", "at least one model spec")
+    policies = {m: load_policies(root / "policies", model) for m, model in models.items()}
+    devices = {p.stem: load_device(p) for p in sorted((root / "devices").glob("*.yaml"))}
+    for dev in devices.values():
+        for m, pols in policies.items():
+            if dev.default_policy not in pols:
+                raise dev.src.error(("default_policy",), dev.default_policy, _allowed(pols))
+            check_runs_on(pols[dev.default_policy], dev)
+    return Specs(root, models, policies, devices)

@@ -1,0 +1,92 @@
+"""YAML reading that remembers where every value came from.
+
+Spec files are edited by hand, so every error must name the file and line of the offending
+key. ``yaml.safe_load`` forgets positions; here the document is composed with PyYAML's safe
+loader (no tags, no Python objects) and turned into plain dicts/lists while the line of each
+key path is recorded. Duplicate keys, which YAML silently collapses, are rejected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SpecError(Exception):
+    """A spec file is wrong. The message names file, line, key, what was found and what is allowed."""
+
+    def __init__(self, file: Path | str, line: int | None, key: str, found: Any, allowed: str):
+        self.file, self.line, self.key, self.found, self.allowed = str(file), line, key, found, allowed
+        where = f"{file}:{line}" if line else f"{file}"
+        found_s = found if isinstance(found, str) and found.startswith("<") else repr(found)
+        super().__init__(f"{where}: {key}: found {found_s}; {allowed}")
+
+
+@dataclass
+class Source:
+    """A loaded YAML document plus the line of every key path (tuple of keys/indices)."""
+
+    path: Path
+    data: Any
+    lines: dict[tuple, int] = field(default_factory=dict)
+
+    def line(self, keypath: tuple) -> int | None:
+        """Line of ``keypath``, or of its nearest recorded ancestor."""
+        while keypath:
+            if keypath in self.lines:
+                return self.lines[keypath]
+            keypath = keypath[:-1]
+        return self.lines.get((), 1)
+
+    def error(self, keypath: tuple, found: Any, allowed: str) -> SpecError:
+        key = ".".join(str(k) for k in keypath) or "<document>"
+        return SpecError(self.path, self.line(keypath), key, found, allowed)
+
+
+_constructor = yaml.constructor.SafeConstructor()
+
+
+def _build(node: yaml.Node, path: tuple, src: Source) -> Any:
+    src.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict = {}
+        for knode, vnode in node.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                raise src.error(path, "<a non-scalar key>", "keys must be plain names")
+            key = _constructor.construct_object(knode)
+            if key in out:
+                raise SpecError(src.path, knode.start_mark.line + 1, ".".join(map(str, path + (key,))),
+                                "<a duplicate key>", f"each key may appear once (first at line {src.lines[path + (key,)]})")
+            src.lines[path + (key,)] = knode.start_mark.line + 1
+            out[key] = _build(vnode, path + (key,), src)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_build(v, path + (i,), src) for i, v in enumerate(node.value)]
+    return _constructor.construct_object(node)
+
+
+def load(path: Path) -> Source:
+    """Read one spec file; YAML syntax errors become SpecErrors with the file and line."""
+    src = Source(path=path, data=None)
+    try:
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except OSError as e:
+        raise SpecError(path, None, "<file>", "<unreadable>", str(e)) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(path, None, "<file>", "<bytes that are not UTF-8>", f"spec files are UTF-8 text ({e.reason})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise SpecError(path, mark.line + 1 if mark else None, "<yaml>",
+                        f"<{getattr(e, 'problem', None) or e}>", "the file must be valid YAML") from None
+    if node is None:
+        raise SpecError(path, 1, "<document>", "<an empty file>", "a YAML mapping")
+    try:
+        src.data = _build(node, (), src)
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        raise SpecError(path, mark.line + 1 if mark else None, "<yaml>", f"<{e.problem}>",
+                        "plain YAML scalars, lists and mappings only (no tags)") from None
+    return src
