@@ -341,7 +341,8 @@ def load_policies(folder: Path, model: ModelSpec) -> dict[str, Policy]:
             if parent not in raw:
                 raise src.error(("extends",), parent, f"no such policy in {folder}; {_allowed(raw)}")
             if parent in chain + [name]:
-                cycle = " -> ".join(chain + [name, parent])
+                full = chain + [name]
+                cycle = " -> ".join(full[full.index(parent):] + [parent])
                 raise src.error(("extends",), parent, f"extends must not form a cycle ({cycle})")
             base = resolve(parent, chain + [name])
             roles = {r: dict(f) for r, f in base.roles.items()}

@@ -48,8 +48,14 @@ class Source:
 _constructor = yaml.constructor.SafeConstructor()
 
 
+_PLAIN_TAGS = {"tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
 def _build(node: yaml.Node, path: tuple, src: Source) -> Any:
     src.lines.setdefault(path, node.start_mark.line + 1)
+    if node.tag not in _PLAIN_TAGS:
+        raise SpecError(src.path, node.start_mark.line + 1, ".".join(map(str, path)) or "<document>",
+                        f"<the tag {node.tag}>", "plain YAML scalars, lists and mappings only (no tags)")
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
         for knode, vnode in node.value:

@@ -1,0 +1,260 @@
+"""Spec validation: the shipped specs load, and every kind of bad hand edit is rejected with
+file, line, key, what was found and what is allowed. Each negative case copies the shipped
+spec folder, breaks one thing, and runs the real CLI on it."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from codegen.cli import main
+from codegen.plan import resolve
+from codegen.specs import DEFAULT_SPECS, load_specs
+from codegen.yamlsrc import SpecError
+
+
+@pytest.fixture
+def specs_dir(tmp_path) -> Path:
+    d = tmp_path / "specs"
+    shutil.copytree(DEFAULT_SPECS, d)
+    return d
+
+
+def edit(path: Path, old: str, new: str) -> int:
+    """Replace ``old`` (must occur once) and return the 1-based line it was on."""
+    text = path.read_text()
+    assert text.count(old) == 1, f"{old!r} occurs {text.count(old)} times in {path}"
+    line = text[: text.index(old)].count("\n") + 1
+    path.write_text(text.replace(old, new))
+    return line
+
+
+def run_cli(specs: Path, capsys, *args) -> tuple[int, str]:
+    code = main(["build", "--check", "--specs", str(specs), "--out", str(specs.parent / "gen"), *args])
+    return code, capsys.readouterr().err
+
+
+def assert_spec_error(code, err, file: Path, line: int | None, *fragments):
+    assert code == 2, err
+    where = f"{file}:{line}:" if line else f"{file}"
+    assert where in err, f"expected {where!r} in {err!r}"
+    for f in fragments:
+        assert f in err, f"expected {f!r} in {err!r}"
+
+
+def test_shipped_specs_load_and_every_device_runs_its_default():
+    specs = load_specs()
+    assert {"f32", "f16-storage-f32-compute", "f16-resident", "bf16", "f16", "fp8-e4m3-weights",
+            "int8-weights"} <= set(specs.policies["llama"])
+    assert {"m40", "h100", "h200", "b200", "gb10", "reference"} <= set(specs.devices)
+    for dev in specs.devices.values():
+        resolve(specs, dev.name, dev.default_policy, "separate")
+
+
+def test_m40_policy_stores_f16_and_computes_f32(capsys):
+    assert main(["explain", "--device", "m40"]) == 0
+    out = capsys.readouterr().out
+    rows = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith("  ")}
+    for role in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert rows[role][1:5] == ["f16", "f32", "f32", "f32"], rows[role]
+    assert rows["kv_cache"][1] == "f16"
+    assert rows["activations"][1:3] == ["f32", "f32"]
+
+
+def test_explain_diff_shows_only_changed_roles(capsys):
+    assert main(["explain", "--device", "h100", "--policy", "f16-resident", "--diff", "f32"]) == 0
+    out = capsys.readouterr().out
+    assert "q_proj" in out and "f16 <- f32" in out
+    assert "kv_cache" not in out and "embedding" not in out
+
+
+def test_unknown_dtype(specs_dir, capsys):
+    f = specs_dir / "policies/f16.yaml"
+    line = edit(f, "q_proj:      {storage: f16,", "q_proj:      {storage: f17,")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "roles.q_proj.storage", "'f17'", "allowed: f32, f16, bf16, fp8e4m3, int8")
+
+
+def test_unknown_key_in_policy(specs_dir, capsys):
+    f = specs_dir / "policies/f16-resident.yaml"
+    line = edit(f, "name: f16-resident", "name: f16-resident\ncolour: blue")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line + 1, "colour", "unknown key", "allowed: name, roles, extends, description")
+
+
+def test_unknown_field_for_role(specs_dir, capsys):
+    f = specs_dir / "policies/f16.yaml"
+    line = edit(f, "embedding:   {storage: f16}", "embedding:   {storage: f16, compute: f16}")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "roles.embedding.compute", "role embedding has no field 'compute'",
+                      "allowed: storage")
+
+
+def test_unknown_role(specs_dir, capsys):
+    f = specs_dir / "policies/bf16.yaml"
+    line = edit(f, "  embedding:   {storage: bf16}", "  embeding:   {storage: bf16}")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "roles.embeding", "unknown role", "embedding")
+
+
+def test_missing_role(specs_dir, capsys):
+    f = specs_dir / "policies/f32.yaml"
+    edit(f, "  kv_cache:    {storage: f32, compute: f32, accumulate: f32, output: f32}\n", "")
+    code, err = run_cli(specs_dir, capsys)
+    assert code == 2 and f"{f}:" in err and "missing kv_cache" in err, err
+
+
+def test_missing_field(specs_dir, capsys):
+    f = specs_dir / "policies/f32.yaml"
+    line = edit(f, "o_proj:      {storage: f32, compute: f32, accumulate: f32, output: f32}",
+                "o_proj:      {storage: f32, compute: f32, output: f32}")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "roles.o_proj", "role o_proj needs accumulate")
+
+
+def test_quantized_storage_needs_scale(specs_dir, capsys):
+    f = specs_dir / "policies/int8-weights.yaml"
+    line = edit(f, "up_proj:   {storage: int8, quant: per_output_channel, scale: f32, compute: f16}",
+                "up_proj:   {storage: int8, quant: per_output_channel, compute: f16}")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "role up_proj needs scale", "quantized")
+
+
+def test_scale_without_quantized_storage(specs_dir, capsys):
+    f = specs_dir / "policies/f16.yaml"
+    line = edit(f, "gate_proj:   {storage: f16,", "gate_proj:   {scale: f32, storage: f16,")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "roles.gate_proj.scale", "not quantized")
+
+
+def test_bf16_compute_on_sm52_rejected(specs_dir, capsys):
+    f = specs_dir / "devices/m40.yaml"
+    line = edit(f, "default_policy: f16-storage-f32-compute", "default_policy: bf16")
+    code, err = run_cli(specs_dir, capsys)
+    bf16 = specs_dir / "policies/bf16.yaml"
+    assert code == 2, err
+    assert re.search(rf"{re.escape(str(bf16))}:\d+: roles\.\w+\.compute: found 'bf16'", err), err
+    assert "device m40 (sm_52" in err and "needs native_bf16_arith" in err, err
+    assert line > 0
+
+
+def test_fp8_on_sm52_rejected(specs_dir, capsys):
+    f = specs_dir / "policies/f16-storage-f32-compute.yaml"
+    line = edit(f, "q_proj:     {storage: f16}", "q_proj:     {storage: fp8e4m3, quant: per_output_channel, scale: f32}")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "roles.q_proj.storage", "'fp8e4m3'", "needs fp8_convert")
+
+
+def test_explicit_incompatible_target_rejected(capsys):
+    code = main(["build", "--check", "--device", "m40", "--policy", "f16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "policies/f16.yaml:" in err and "native_f16_arith" in err, err
+
+
+def test_extends_cycle(specs_dir, capsys):
+    f = specs_dir / "policies/f32.yaml"
+    edit(f, "name: f32\n", "name: f32\nextends: int8-weights\n")
+    code, err = run_cli(specs_dir, capsys)
+    assert code == 2 and "extends must not form a cycle" in err, err
+    # reported at the `extends:` line that closes the loop, naming the whole loop
+    m = re.search(r"policies/([\w-]+)\.yaml:(\d+): extends: .*cycle \(([^)]*)\)", err)
+    assert m, err
+    loop = m.group(3).split(" -> ")
+    assert loop[0] == loop[-1] and set(loop) == {"f32", "int8-weights", "f16"}, err
+    assert (specs_dir / "policies" / f"{m.group(1)}.yaml").read_text().splitlines()[int(m.group(2)) - 1].startswith("extends:")
+
+
+def test_extends_unknown_policy(specs_dir, capsys):
+    f = specs_dir / "policies/bf16.yaml"
+    line = edit(f, "extends: f32", "extends: f31")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "extends", "'f31'", "allowed:")
+
+
+def test_duplicate_key(specs_dir, capsys):
+    f = specs_dir / "devices/h100.yaml"
+    line = edit(f, "  fp8_convert: true\n", "  fp8_convert: true\n  fp8_convert: false\n")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line + 1, "capabilities.fp8_convert", "duplicate key")
+
+
+def test_yaml_syntax_error(specs_dir, capsys):
+    f = specs_dir / "devices/b200.yaml"
+    line = edit(f, "arch: sm_100", "arch: [sm_100")
+    code, err = run_cli(specs_dir, capsys)
+    assert code == 2 and f"{f}:" in err and "valid YAML" in err, err
+
+
+def test_yaml_tags_rejected(specs_dir, capsys):
+    f = specs_dir / "devices/b200.yaml"
+    line = edit(f, "arch: sm_100", "arch: !!python/object/apply:os.system ['echo pwned']")
+    code, err = run_cli(specs_dir, capsys)
+    assert code == 2 and f"{f}:{line}" in err and "no tags" in err, err
+
+
+@pytest.mark.parametrize("arch", ["sm_90; system(\"x\")", "sm_90\n#include </etc/passwd>", "compute_90", "sm_9"])
+def test_arch_cannot_inject(specs_dir, capsys, arch):
+    f = specs_dir / "devices/b200.yaml"
+    import json
+    line = edit(f, "arch: sm_100", f"arch: {json.dumps(arch)}")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "arch", "an SM architecture")
+
+
+@pytest.mark.parametrize("bad", ["'hidden; rm -rf /'", "__import__('os')", "hidden ** 2", "'hidden.__class__'", "open"])
+def test_shape_expressions_cannot_inject(specs_dir, capsys, bad):
+    f = specs_dir / "models/llama.yaml"
+    line = edit(f, "o:        {dtype: o_proj.output, shape: [hidden]}", f"o:        {{dtype: o_proj.output, shape: [{bad}]}}")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "buffers.o.shape.0")
+
+
+@pytest.mark.parametrize("bad", ["x-y", "x */ int main(){", "1abc"])
+def test_names_reaching_generated_code_are_identifiers(specs_dir, capsys, bad):
+    f = specs_dir / "models/llama.yaml"
+    import json
+    line = edit(f, "{op: silu_mul,", f"{{op: {json.dumps(bad)},")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "decode_step.15.op", "C identifier")
+
+
+def test_policy_name_must_match_file(specs_dir, capsys):
+    f = specs_dir / "policies/bf16.yaml"
+    line = edit(f, "name: bf16", "name: \"bf16 */ evil\"")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "name", "lowercase name")
+
+
+def test_decode_step_unknown_kernel_and_arg(specs_dir, capsys):
+    f = specs_dir / "models/llama.yaml"
+    line = edit(f, "kernel: silu_mul,", "kernel: gelu_mul,")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "decode_step.15.kernel", "'gelu_mul'", "allowed:")
+
+
+def test_decode_step_binding_unknown_buffer(specs_dir, capsys):
+    f = specs_dir / "models/llama.yaml"
+    line = edit(f, "args: {x: x, d: down, n: hidden}", "args: {x: x, d: dwn, n: hidden}")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "decode_step.17.args.d", "'dwn'", "must name a buffer or weight")
+
+
+def test_buffer_dtype_must_name_role_field(specs_dir, capsys):
+    f = specs_dir / "models/llama.yaml"
+    line = edit(f, "act:      {dtype: activations.storage,", "act:      {dtype: activations.output,")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "buffers.act.dtype", "<role>.<field>")
+
+
+def test_fused_layout_needs_shared_dtypes(specs_dir, capsys):
+    f = specs_dir / "policies/f16-resident.yaml"
+    line = edit(f, "k_proj:    {storage: f16, compute: f16}", "k_proj:    {storage: f32, compute: f16}")
+    code, err = run_cli(specs_dir, capsys, "--device", "h100", "--policy", "f16-resident", "--layout", "fused")
+    assert_spec_error(code, err, f, line, "fuses q_proj, k_proj, v_proj", "share dtypes")
+
+
+def test_device_capability_must_be_known(specs_dir, capsys):
+    f = specs_dir / "devices/gb10.yaml"
+    line = edit(f, "  tensor_cores: true\n", "  tensor_cores: true\n  warp_specialization: true\n")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line + 1, "capabilities.warp_specialization", "unknown key")
+
+
+def test_spec_error_is_a_one_line_message_not_a_traceback(specs_dir, capsys):
+    f = specs_dir / "policies/f16.yaml"
+    edit(f, "v_proj:      {storage: f16,", "v_proj:      {storage: 16,")
+    code, err = run_cli(specs_dir, capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_user_spec_folder_with_a_new_policy(specs_dir, capsys, tmp_path):
+    (specs_dir / "policies/kv-f16.yaml").write_text(
+        "name: kv-f16\nextends: f32\ndescription: f32 with an f16 KV cache\nroles:\n  kv_cache: {storage: f16}\n")
+    out = tmp_path / "gen"
+    assert main(["build", "--specs", str(specs_dir), "--out", str(out), "--device", "h100", "--policy", "kv-f16"]) == 0
+    cu = (out / "h100.kv-f16.separate" / "kernels.cu").read_text()
+    assert "kv_append_kf32_vf32_cf16_df16" in cu and "attention_qf32_kf16_vf16_of32_cf32_af32" in cu
