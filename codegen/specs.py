@@ -392,13 +392,14 @@ class Device:
     capabilities: dict[str, Any]
     memory_gb: float | None
     bandwidth_gbs: float | None
+    gpu_names: list[str]          # substrings of the CUDA device name that select this spec
     src: Source
 
 
 def load_device(path: Path) -> Device:
     src = load(path)
     d = _mapping(src, (), src.data, {"name": str, "kind": str, "default_policy": str, "capabilities": dict},
-                 {"arch": str, "memory_gb": (int, float), "bandwidth_gbs": (int, float)})
+                 {"arch": str, "memory_gb": (int, float), "bandwidth_gbs": (int, float), "gpu_names": list})
     _ident(src, ("name",), d["name"], NAME, "a lowercase name")
     if d["name"] != path.stem:
         raise src.error(("name",), d["name"], f"must equal the file name '{path.stem}'")
@@ -411,8 +412,11 @@ def load_device(path: Path) -> Device:
     elif "arch" in d:
         raise src.error(("arch",), d["arch"], "a cpu device has no arch")
     _mapping(src, ("capabilities",), d["capabilities"], CAPABILITIES)
+    for i, g in enumerate(d.get("gpu_names", [])):
+        if not isinstance(g, str) or not g.strip():
+            raise src.error(("gpu_names", i), g, "a non-empty part of the CUDA device name, e.g. 'H100'")
     return Device(d["name"], d["kind"], d.get("arch"), d["default_policy"], d["capabilities"],
-                  d.get("memory_gb"), d.get("bandwidth_gbs"), src)
+                  d.get("memory_gb"), d.get("bandwidth_gbs"), d.get("gpu_names", []), src)
 
 
 # Which device capability each policy field needs for a dtype (from the dtype table).

@@ -1,0 +1,191 @@
+"""The numpy reference backend: runs a target's decode step on the CPU with its rounding points.
+
+It interprets the same ``manifest.json`` launch sequence the GPU runs, kernel by kernel, and
+each kernel family below mirrors its template in templates/: values are rounded to the
+compute dtype after every product and sum the template rounds, to the accumulate dtype when
+accumulated, and to a buffer's dtype when stored. Every buffer holds float32 values that are
+exactly representable in its declared dtype. Sums are taken in float32 (or exactly, then
+rounded once, for narrower accumulators), so results match the GPU up to summation order,
+which the GPU tests' per-policy tolerances cover.
+
+This makes it the numerical ground truth for every policy, and the backend that lets
+``codegen generate`` run on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from codegen.dtypes import from_storage, round_to
+from codegen.expr import evaluate
+
+F32 = np.float32
+
+
+def _r(a, dtype: str) -> np.ndarray:
+    """Round float32 values to ``dtype`` (kept as float32)."""
+    return a if dtype == "f32" else round_to(np.asarray(a, dtype=F32), dtype)
+
+
+def _sum(a: np.ndarray, acc: str, axis=-1) -> np.ndarray:
+    if acc == "f32":
+        return a.sum(axis=axis, dtype=F32)
+    return _r(a.sum(axis=axis, dtype=np.float64).astype(F32), acc)
+
+
+def _matvec(w: np.ndarray, x: np.ndarray, c: str, a: str) -> np.ndarray:
+    """sum_j round_c(round_c(w[r, j]) * round_c(x[j])), accumulated in ``a``."""
+    wc, xc = _r(w, c), _r(x, c)
+    if c == "f32" and a == "f32":
+        return wc @ xc
+    out = np.empty(w.shape[0], dtype=F32)
+    step = max(1, (1 << 22) // max(1, w.shape[1]))       # ~16 MB of products at a time
+    for r0 in range(0, w.shape[0], step):
+        out[r0:r0 + step] = _sum(_r(wc[r0:r0 + step] * xc, c), a)
+    return out
+
+
+# ---- one function per kernel family; `d` maps pointer params / role fields to dtype names ----
+
+def embedding_gather(a, d):
+    a["out"][:] = _r(a["table"][int(a["token"][0])], d["out"])
+
+
+def rmsnorm(a, d):
+    c, acc = d["compute"], d["accumulate"]
+    v = _r(a["x"], c)
+    ss = _sum(_r(v * v, c), acc)
+    inv = _r(F32(1.0) / np.sqrt(F32(ss) / F32(a["n"]) + F32(a["eps"]), dtype=F32), c)
+    a["y"][:] = _r(_r(_r(v * inv, c) * _r(a["gamma"], c), c), d["y"])
+
+
+def gemv(a, d):
+    acc = _matvec(a["w"], a["x"], d["compute"], d["accumulate"])
+    if "scale" in a:
+        acc = _r(acc, d["accumulate"]) * a["scale"]
+    a["y"][:] = _r(acc, d["y"])
+
+
+def rope(a, d):
+    c, hd = d["compute"], a["head_dim"]
+    half = hd // 2
+    j = np.arange(half, dtype=F32)
+    inv_freq = F32(1.0) / np.power(F32(a["theta"]), (F32(2.0) * j) / F32(hd), dtype=F32)
+    ang = F32(a["pos"][0]) * inv_freq
+    cc, sc = _r(np.cos(ang, dtype=F32), c), _r(np.sin(ang, dtype=F32), c)
+    for name, heads in (("q", a["n_heads"]), ("k", a["n_kv_heads"])):
+        v = a[name].reshape(heads, hd)
+        x1, x2 = _r(v[:, :half], c), _r(v[:, half:], c)
+        o1 = _r(_r(x1 * cc, c) + _r(_r(-x2, c) * sc, c), c)
+        o2 = _r(_r(x2 * cc, c) + _r(x1 * sc, c), c)
+        v[:, :half], v[:, half:] = _r(o1, d[name]), _r(o2, d[name])
+
+
+def kv_append(a, d):
+    p = int(a["pos"][0])
+    a["k_cache"][p] = _r(a["k"], d["k_cache"])
+    a["v_cache"][p] = _r(a["v"], d["v_cache"])
+
+
+def attention(a, d):
+    c, acc = d["compute"], d["accumulate"]
+    nh, nkv, hd = a["n_heads"], a["n_kv_heads"], a["head_dim"]
+    seq = int(a["pos"][0]) + 1
+    q = _r(a["q"].reshape(nh, hd), c)
+    k = _r(a["k_cache"][:seq].reshape(seq, nkv, hd), c)
+    v = _r(a["v_cache"][:seq].reshape(seq, nkv, hd), c)
+    group = nh // nkv
+    out = a["out"].reshape(nh, hd)
+    scale = F32(1.0) / np.sqrt(F32(hd), dtype=F32)
+    for h in range(nh):
+        kh, vh = k[:, h // group], v[:, h // group]
+        s = (kh @ q[h] if c == acc == "f32" else _sum(_r(kh * q[h], c), acc)) * scale
+        p = np.exp(s - s.max(), dtype=F32)
+        pc = _r(p, c)
+        o = pc @ vh if c == acc == "f32" else _sum(_r(pc[:, None] * vh, c), acc, axis=0)
+        out[h] = _r(o / p.sum(dtype=F32), d["out"])
+
+
+def silu_mul(a, d):
+    c = d["compute"]
+    g = _r(a["gate"], c)
+    s = _r(g / (F32(1.0) + np.exp(-g, dtype=F32)), c)
+    a["y"][:] = _r(_r(s * _r(a["up"], c), c), d["y"])
+
+
+def residual_add(a, d):
+    c = d["compute"]
+    a["x"][:] = _r(_r(_r(a["x"], c) + _r(a["d"], c), c), d["x"])
+
+
+def argmax(a, d):
+    a["token"][0] = int(np.argmax(a["logits"]))
+
+
+def advance_pos(a, d):
+    a["pos"][0] += 1
+
+
+OPS = {f.__name__: f for f in (embedding_gather, rmsnorm, gemv, rope, kv_append, attention, silu_mul,
+                               residual_add, argmax, advance_pos)}
+
+
+class ReferenceBackend:
+    """Holds a target's buffers as numpy arrays and replays its decode step."""
+
+    name = "cpu"
+
+    def __init__(self, manifest: dict, packed):
+        self.manifest, self.env = manifest, packed.env
+        self.weights = {n: from_storage(arr, self._weight_dtype(n)) for n, arr in packed.arrays.items()}
+        self.kernels = {k["name"]: k for k in manifest["kernels"]}
+        self.buffers: dict[str, np.ndarray] = {}
+        for b in manifest["buffers"]:
+            if "view_of" in b:
+                continue
+            shape = tuple(evaluate(s, self.env) for s in b["shape"])
+            self.buffers[b["name"]] = np.zeros(shape, dtype=np.int32 if b["dtype"] == "index" else F32)
+        for b in manifest["buffers"]:
+            if "view_of" in b:
+                off = evaluate(b["offset"], self.env)
+                n = evaluate(b["shape"][0], self.env)
+                self.buffers[b["name"]] = self.buffers[b["view_of"]][off:off + n]
+        self.program = list(self._expand())
+
+    def _weight_dtype(self, name: str) -> str:
+        for w in self.manifest["weights"]:
+            for i in range(self.env["n_layers"] if w["per_layer"] else 1):
+                if w["name"].format(i=i) == name:
+                    return w["dtype"]
+                if w.get("scale") and w["scale"].format(i=i) == name:
+                    return w["scale_dtype"]
+        raise KeyError(f"packed array {name!r} is not a weight of target {self.manifest['target']}")
+
+    def _expand(self):
+        """(function, bound args, dtypes) for every launch, per-layer ops unrolled."""
+        for launch in self.manifest["decode_step"]:
+            kern = self.kernels[launch["kernel"]]
+            dtypes = {p["name"]: p["dtype"] for p in kern["params"] if "dtype" in p}
+            dtypes.update({f: kern[f] for f in ("compute", "accumulate") if f in kern})
+            for i in range(self.env["n_layers"] if launch["per_layer"] else 1):
+                args = {}
+                for a in launch["args"]:
+                    if "value" in a:
+                        args[a["param"]] = evaluate(a["value"], self.env)
+                    elif a["weight"]:
+                        args[a["param"]] = self.weights[a["buffer"].format(i=i)]
+                    else:
+                        buf = self.buffers[a["buffer"]]
+                        args[a["param"]] = buf[i] if a.get("layer_slice") else buf
+                yield OPS[kern["template"]], args, dtypes
+
+    def reset(self) -> None:
+        for b in self.manifest["buffers"]:
+            if "view_of" not in b:
+                self.buffers[b["name"]][...] = 0
+
+    def step(self, token: int, pos: int) -> np.ndarray:
+        """Run one decode step for ``token`` at ``pos``; returns the logits as float32."""
+        self.buffers["token"][0], self.buffers["pos"][0] = token, pos
+        for fn, args, dtypes in self.program:
+            fn(args, dtypes)
+        return self.buffers["logits"].astype(F32, copy=True)
