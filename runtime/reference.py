@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from codegen.dtypes import from_storage, round_to
-from codegen.expr import evaluate
+from .binding import bind, buffer_table
 
 F32 = np.float32
 
@@ -130,62 +130,42 @@ OPS = {f.__name__: f for f in (embedding_gather, rmsnorm, gemv, rope, kv_append,
 
 
 class ReferenceBackend:
-    """Holds a target's buffers as numpy arrays and replays its decode step."""
+    """Holds a target's buffers as numpy arrays and replays its bound decode step."""
 
     name = "cpu"
 
     def __init__(self, manifest: dict, packed):
         self.manifest, self.env = manifest, packed.env
-        self.weights = {n: from_storage(arr, self._weight_dtype(n)) for n, arr in packed.arrays.items()}
-        self.kernels = {k["name"]: k for k in manifest["kernels"]}
-        self.buffers: dict[str, np.ndarray] = {}
-        for b in manifest["buffers"]:
-            if "view_of" in b:
-                continue
-            shape = tuple(evaluate(s, self.env) for s in b["shape"])
-            self.buffers[b["name"]] = np.zeros(shape, dtype=np.int32 if b["dtype"] == "index" else F32)
-        for b in manifest["buffers"]:
-            if "view_of" in b:
-                off = evaluate(b["offset"], self.env)
-                n = evaluate(b["shape"][0], self.env)
-                self.buffers[b["name"]] = self.buffers[b["view_of"]][off:off + n]
-        self.program = list(self._expand())
+        table = buffer_table(manifest, self.env, packed.arrays)
+        self.launches = bind(manifest, self.env, table)
+        self.arrays: dict[str, np.ndarray] = {
+            n: from_storage(a, table[n].dtype) for n, a in packed.arrays.items()}
+        for info in table.values():
+            if not info.weight and info.view_of is None:
+                self.arrays[info.name] = np.zeros(info.shape, dtype=np.int32 if info.dtype == "index" else F32)
+        for info in table.values():
+            if info.view_of is not None:
+                self.arrays[info.name] = self.arrays[info.view_of][info.offset:info.offset + info.shape[0]]
+        self.program = [(OPS[l.template], {a.param: self._arg(a) for a in l.args}, l.dtypes)
+                        for l in self.launches]
 
-    def _weight_dtype(self, name: str) -> str:
-        for w in self.manifest["weights"]:
-            for i in range(self.env["n_layers"] if w["per_layer"] else 1):
-                if w["name"].format(i=i) == name:
-                    return w["dtype"]
-                if w.get("scale") and w["scale"].format(i=i) == name:
-                    return w["scale_dtype"]
-        raise KeyError(f"packed array {name!r} is not a weight of target {self.manifest['target']}")
-
-    def _expand(self):
-        """(function, bound args, dtypes) for every launch, per-layer ops unrolled."""
-        for launch in self.manifest["decode_step"]:
-            kern = self.kernels[launch["kernel"]]
-            dtypes = {p["name"]: p["dtype"] for p in kern["params"] if "dtype" in p}
-            dtypes.update({f: kern[f] for f in ("compute", "accumulate") if f in kern})
-            for i in range(self.env["n_layers"] if launch["per_layer"] else 1):
-                args = {}
-                for a in launch["args"]:
-                    if "value" in a:
-                        args[a["param"]] = evaluate(a["value"], self.env)
-                    elif a["weight"]:
-                        args[a["param"]] = self.weights[a["buffer"].format(i=i)]
-                    else:
-                        buf = self.buffers[a["buffer"]]
-                        args[a["param"]] = buf[i] if a.get("layer_slice") else buf
-                yield OPS[kern["template"]], args, dtypes
+    def _arg(self, a):
+        if a.buffer is None:
+            return a.value
+        arr = self.arrays[a.buffer]
+        if arr.shape == a.shape:
+            return arr
+        n = int(np.prod(a.shape))                     # a layer's slice of a cache
+        return arr.reshape(-1)[a.offset:a.offset + n].reshape(a.shape)
 
     def reset(self) -> None:
         for b in self.manifest["buffers"]:
             if "view_of" not in b:
-                self.buffers[b["name"]][...] = 0
+                self.arrays[b["name"]][...] = 0
 
     def step(self, token: int, pos: int) -> np.ndarray:
         """Run one decode step for ``token`` at ``pos``; returns the logits as float32."""
-        self.buffers["token"][0], self.buffers["pos"][0] = token, pos
+        self.arrays["token"][0], self.arrays["pos"][0] = token, pos
         for fn, args, dtypes in self.program:
             fn(args, dtypes)
-        return self.buffers["logits"].astype(F32, copy=True)
+        return self.arrays["logits"].astype(F32, copy=True)

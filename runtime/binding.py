@@ -1,0 +1,153 @@
+"""Bind a manifest's decode step to concrete buffers, checking every argument first.
+
+Both backends run the same expansion: per-layer ops are unrolled, ``{i}`` weight names and
+``cache[i]`` slices become concrete buffers and offsets, and scalar arguments are evaluated
+for the checkpoint's config. Before anything is launched, every pointer argument's declared
+dtype and shape (from manifest.json) is compared with the buffer bound to it, whose dtype
+and shape come from what the loader actually packed (packing.json) or allocated. A mismatch
+raises a ``BindError`` naming the kernel, the argument, what was expected and what was found:
+"emitter and loader never disagree" is checked at run time, not assumed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from codegen.dtypes import DTYPES, INDEX_NP
+from codegen.expr import evaluate
+
+INDEX = "index"
+_NP_TO_NAME = {d.np_dtype: n for n, d in DTYPES.items()}
+
+
+class BindError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BufferInfo:
+    name: str
+    dtype: str                   # a DTYPES key or "index"
+    shape: tuple[int, ...]
+    weight: bool
+    view_of: str | None = None   # activations only: parent buffer
+    offset: int = 0              # elements into the parent
+
+    @property
+    def itemsize(self) -> int:
+        return INDEX_NP.itemsize if self.dtype == INDEX else DTYPES[self.dtype].itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+
+@dataclass(frozen=True)
+class Arg:
+    param: str
+    kind: str
+    buffer: str | None = None    # pointer args: concrete buffer name
+    offset: int = 0              # pointer args: elements into the buffer (layer slices)
+    shape: tuple[int, ...] = ()  # pointer args: the shape the kernel sees at that offset
+    value: int | float | None = None
+
+
+@dataclass(frozen=True)
+class BoundLaunch:
+    op: str
+    layer: int | None
+    kernel: str
+    template: str
+    dtypes: dict                 # pointer param / role field -> dtype name (for the reference ops)
+    args: tuple[Arg, ...]
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+
+
+def dtype_name(arr: np.ndarray) -> str:
+    if arr.dtype == INDEX_NP:
+        return INDEX
+    name = _NP_TO_NAME.get(arr.dtype)
+    if name is None:
+        raise BindError(f"array dtype {arr.dtype} is not one of dtypeforge's: {', '.join(DTYPES)}")
+    return name
+
+
+def buffer_table(manifest: dict, env: dict, packed: dict[str, np.ndarray]) -> dict[str, BufferInfo]:
+    """Weights as the loader packed them; activations and caches as the manifest declares them."""
+    table = {name: BufferInfo(name, dtype_name(arr), tuple(arr.shape), True) for name, arr in packed.items()}
+    for b in manifest["buffers"]:
+        shape = tuple(evaluate(s, env) for s in b["shape"])
+        if "view_of" in b:
+            table[b["name"]] = BufferInfo(b["name"], b["dtype"], shape, False, b["view_of"], evaluate(b["offset"], env))
+        else:
+            table[b["name"]] = BufferInfo(b["name"], b["dtype"], shape, False)
+    return table
+
+
+def _dim3(v) -> tuple[int, int, int]:
+    return (int(v), 1, 1)
+
+
+def _schedule(decode_step: list[dict], n_layers: int):
+    """(launch, layer) in execution order: each run of consecutive per-layer ops is one
+    transformer layer, executed for layer 0, then layer 1, ..."""
+    run: list[dict] = []
+    for launch in decode_step + [None]:
+        if launch is not None and launch["per_layer"]:
+            run.append(launch)
+            continue
+        for i in range(n_layers):
+            for l in run:
+                yield l, i
+        run = []
+        if launch is not None:
+            yield launch, None
+
+
+def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundLaunch]:
+    kernels = {k["name"]: k for k in manifest["kernels"]}
+    out = []
+    for launch, i in _schedule(manifest["decode_step"], env["n_layers"]):
+        kern = kernels.get(launch["kernel"])
+        if kern is None:
+            raise BindError(f"op {launch['op']}: kernel {launch['kernel']} is not among the manifest's kernels")
+        declared = {p["name"]: p for p in kern["params"]}
+        dtypes = {p["name"]: p["dtype"] for p in kern["params"] if "dtype" in p}
+        dtypes.update({f: kern[f] for f in ("compute", "accumulate") if f in kern})
+        if [a["param"] for a in launch["args"]] != list(declared):
+            raise BindError(f"kernel {kern['name']} (op {launch['op']}): arguments {[a['param'] for a in launch['args']]} "
+                            f"do not match its parameters {list(declared)}")
+        args, scalars = [], {}
+        for a in launch["args"]:
+            if "value" in a:
+                v = evaluate(a["value"], env)
+                v = float(v) if a["kind"] == "float" else int(v)
+                scalars[a["param"]] = v
+                args.append(Arg(a["param"], a["kind"], value=v))
+                continue
+            name = a["buffer"].format(i=i) if i is not None else a["buffer"]
+            where = f"kernel {kern['name']} (op {launch['op']}{'' if i is None else f', layer {i}'}), argument {a['param']}"
+            info = table.get(name)
+            if info is None:
+                raise BindError(f"{where}: buffer {name} was never packed or allocated")
+            want_dtype = declared[a["param"]].get("dtype", INDEX)
+            if a["dtype"] != want_dtype:
+                raise BindError(f"{where}: the launch declares dtype {a['dtype']} but the kernel's parameter is {want_dtype}")
+            shape = tuple(evaluate(s, env) for s in a["shape"])
+            offset = 0
+            found_shape = info.shape
+            if a.get("layer_slice"):
+                found_shape = info.shape[1:]
+                offset = i * math.prod(found_shape)
+            if info.dtype != want_dtype or found_shape != shape:
+                raise BindError(f"{where}: expected {want_dtype}{list(shape)}, found buffer {name} "
+                                f"{info.dtype}{list(found_shape)}")
+            args.append(Arg(a["param"], a["kind"], buffer=name, offset=offset, shape=shape))
+        grid = evaluate(launch["grid"], {**env, **scalars})
+        block = evaluate(launch["block"], {**env, **scalars})
+        out.append(BoundLaunch(launch["op"], i, kern["name"], kern["template"], dtypes, tuple(args),
+                               _dim3(grid), _dim3(block)))
+    return out
