@@ -1,0 +1,135 @@
+"""Find a generated target and turn a checkpoint's config.json into its symbol values.
+
+A target directory (``generated/<device>.<policy>.<layout>/``) is everything the runtime
+knows about dtypes: ``manifest.json`` (config symbols, buffers, kernels, decode step) and
+``packing.json`` (what the loader packs). Both keep shapes as expressions over config
+symbols so one target serves every model size; ``model_env`` supplies the values for one
+checkpoint, evaluating each symbol the way the model spec declares it.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from codegen import expr
+from codegen.plan import target_name
+
+GENERATED = Path(__file__).resolve().parent.parent / "generated"
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,)}   # JSON types accepted per symbol type
+
+
+class LoadError(ValueError):
+    """A target, checkpoint or config cannot be used; the message says which file and why."""
+
+
+class TargetNotFound(LoadError):
+    pass
+
+
+class ConfigError(LoadError):
+    """config.json lacks a key, has the wrong type, or describes a model the target cannot run."""
+
+
+@dataclass(frozen=True)
+class Target:
+    path: Path
+    manifest: dict
+    packing: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["target"]
+
+
+def find_target(device: str, policy: str, layout: str = "separate", generated: Path = GENERATED) -> Path:
+    """The directory of one generated target; a missing one lists what ``device`` does have,
+    since a typo in the policy or layout is the usual cause."""
+    generated = Path(generated)
+    path = generated / target_name(device, policy, layout)
+    if (path / "manifest.json").is_file():
+        return path
+    have = sorted(p.name for p in generated.glob(f"{device}.*") if (p / "manifest.json").is_file())
+    if have:
+        hint = f"targets for device {device!r}: {', '.join(have)}"
+    else:
+        devices = sorted({p.name.split(".")[0] for p in generated.glob("*.*.*") if (p / "manifest.json").is_file()})
+        hint = f"no targets for device {device!r}; devices with targets: {', '.join(devices) or 'none'}"
+    raise TargetNotFound(f"no generated target {path.name} in {generated}; {hint} (run `codegen build` to regenerate)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TargetNotFound(f"{path} is missing; run `codegen build`") from None
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path} is not valid JSON ({e}); run `codegen build`") from None
+
+
+def load_target(path: Path | str) -> Target:
+    """Read a target's manifest and packing table. They must come from the same codegen run
+    (same target and inputs hash): the loader packs from one and the kernels are launched
+    from the other, so a stale half would silently disagree on dtypes."""
+    path = Path(path)
+    manifest, packing = _read_json(path / "manifest.json"), _read_json(path / "packing.json")
+    for key in ("target", "inputs"):
+        if manifest.get(key) != packing.get(key):
+            raise LoadError(f"{path}: manifest.json has {key} {manifest.get(key)!r} but packing.json has "
+                            f"{packing.get(key)!r}; regenerate both with `codegen build`")
+    return Target(path, manifest, packing)
+
+
+def _check_value(sym: str, spec: dict, value, where: str):
+    """``value`` typed as the symbol declares (ints stay int, floats become float)."""
+    if isinstance(value, bool) and spec["type"] != "bool" or not isinstance(value, _TYPES[spec["type"]]):
+        raise ConfigError(f"{where}: {spec['hf']} (symbol {sym}) must be {spec['type']}, found {value!r}")
+    if spec["type"] == "int" and value <= 0:
+        raise ConfigError(f"{where}: {spec['hf']} (symbol {sym}) must be a positive int, found {value!r}")
+    return float(value) if spec["type"] == "float" else value
+
+
+def model_env(manifest: Mapping, hf_config: Mapping, config_path: Path | str, *,
+              max_seq: int | None = None) -> dict[str, int | float | bool]:
+    """Every config symbol of ``manifest`` evaluated for the checkpoint whose config.json
+    (at ``config_path``, named in errors) parsed to ``hf_config``.
+
+    A key set to null counts as absent, as in transformers (e.g. ``"head_dim": null`` means
+    "derive it"). Absent keys take the spec's default, a literal or an expression over other
+    int symbols, evaluated once those are known. ``max_seq`` lets the runtime cap the KV
+    cache below max_position_embeddings (a 128k-position model rarely needs a 128k cache).
+    """
+    where = str(config_path)
+    specs = manifest["config"]
+    env: dict[str, int | float | bool] = {}
+    pending: dict[str, str] = {}
+    for sym, spec in specs.items():
+        value = hf_config.get(spec["hf"])
+        if value is not None:
+            env[sym] = _check_value(sym, spec, value, where)
+        elif isinstance(spec["default"], str):
+            pending[sym] = spec["default"]
+        elif spec["default"] is not None:
+            env[sym] = spec["default"]
+        else:
+            raise ConfigError(f"{where}: missing key {spec['hf']!r} (symbol {sym}, {spec['type']}), which has no default")
+    while pending:
+        ready = [s for s, e in pending.items() if expr.symbols_of(e) <= env.keys()]
+        if not ready:
+            raise ConfigError(f"{where}: cannot derive {', '.join(sorted(pending))}: their defaults "
+                              f"({'; '.join(f'{s} = {e}' for s, e in pending.items())}) depend on each other")
+        for sym in ready:
+            value = expr.evaluate(pending.pop(sym), env)
+            if value <= 0:
+                raise ConfigError(f"{where}: {specs[sym]['hf']} is absent and its default {specs[sym]['default']} "
+                                  f"gives {value}; symbol {sym} must be a positive int")
+            env[sym] = value
+    if max_seq is not None:
+        if "max_seq" not in env:
+            raise ConfigError("a max_seq cap was given but this target's config has no max_seq symbol")
+        if isinstance(max_seq, bool) or not isinstance(max_seq, int) or max_seq <= 0:
+            raise ConfigError(f"max_seq cap must be a positive int, found {max_seq!r}")
+        env["max_seq"] = min(max_seq, env["max_seq"])
+    return env
