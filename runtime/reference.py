@@ -2,8 +2,8 @@
 
 It interprets the same ``manifest.json`` launch sequence the GPU runs, kernel by kernel, and
 each kernel family below mirrors its template in templates/: values are rounded to the
-compute dtype after every product and sum the template rounds, to the accumulate dtype when
-accumulated, and to a buffer's dtype when stored. Every buffer holds float32 values that are
+compute dtype where the template rounds (dot products take operands in the compute dtype,
+form exact products and sum them in the accumulate dtype, as fmaf and tensor cores do), and to a buffer's dtype when stored. Every buffer holds float32 values that are
 exactly representable in its declared dtype. Sums are taken in float32 (or exactly, then
 rounded once, for narrower accumulators), so results match the GPU up to summation order,
 which the GPU tests' per-policy tolerances cover.
@@ -26,22 +26,15 @@ def _r(a, dtype: str) -> np.ndarray:
     return a if dtype == "f32" else round_to(np.asarray(a, dtype=F32), dtype)
 
 
-def _sum(a: np.ndarray, acc: str, axis=-1) -> np.ndarray:
+def _dot(a: np.ndarray, b: np.ndarray, acc: str) -> np.ndarray:
+    """a @ b with operands already in the compute dtype: exact products, summed in ``acc``.
+
+    f16/bf16 products are exact in f32, so for an f32 accumulator this is a float32 matmul
+    (fused multiply-adds, like the kernels' fmaf); narrower accumulators are summed exactly
+    and rounded once."""
     if acc == "f32":
-        return a.sum(axis=axis, dtype=F32)
-    return _r(a.sum(axis=axis, dtype=np.float64).astype(F32), acc)
-
-
-def _matvec(w: np.ndarray, x: np.ndarray, c: str, a: str) -> np.ndarray:
-    """sum_j round_c(round_c(w[r, j]) * round_c(x[j])), accumulated in ``a``."""
-    wc, xc = _r(w, c), _r(x, c)
-    if c == "f32" and a == "f32":
-        return wc @ xc
-    out = np.empty(w.shape[0], dtype=F32)
-    step = max(1, (1 << 22) // max(1, w.shape[1]))       # ~16 MB of products at a time
-    for r0 in range(0, w.shape[0], step):
-        out[r0:r0 + step] = _sum(_r(wc[r0:r0 + step] * xc, c), a)
-    return out
+        return a @ b
+    return _r((a.astype(np.float64) @ b.astype(np.float64)).astype(F32), acc)
 
 
 # ---- one function per kernel family; `d` maps pointer params / role fields to dtype names ----
@@ -53,13 +46,14 @@ def embedding_gather(a, d):
 def rmsnorm(a, d):
     c, acc = d["compute"], d["accumulate"]
     v = _r(a["x"], c)
-    ss = _sum(_r(v * v, c), acc)
+    ss = _dot(v, v, acc)
     inv = _r(F32(1.0) / np.sqrt(F32(ss) / F32(a["n"]) + F32(a["eps"]), dtype=F32), c)
     a["y"][:] = _r(_r(_r(v * inv, c) * _r(a["gamma"], c), c), d["y"])
 
 
 def gemv(a, d):
-    acc = _matvec(a["w"], a["x"], d["compute"], d["accumulate"])
+    # a["w"] arrives already rounded to the compute dtype (ReferenceBackend does it once at load)
+    acc = _dot(a["w"], _r(a["x"], d["compute"]), d["accumulate"])
     if "scale" in a:
         acc = _r(acc, d["accumulate"]) * a["scale"]
     a["y"][:] = _r(acc, d["y"])
@@ -98,10 +92,9 @@ def attention(a, d):
     scale = F32(1.0) / np.sqrt(F32(hd), dtype=F32)
     for h in range(nh):
         kh, vh = k[:, h // group], v[:, h // group]
-        s = (kh @ q[h] if c == acc == "f32" else _sum(_r(kh * q[h], c), acc)) * scale
+        s = _dot(kh, q[h], acc) * scale
         p = np.exp(s - s.max(), dtype=F32)
-        pc = _r(p, c)
-        o = pc @ vh if c == acc == "f32" else _sum(_r(pc[:, None] * vh, c), acc, axis=0)
+        o = _dot(_r(p, c), vh, acc)
         out[h] = _r(o / p.sum(dtype=F32), d["out"])
 
 
@@ -138,6 +131,7 @@ class ReferenceBackend:
         self.manifest, self.env = manifest, packed.env
         table = buffer_table(manifest, self.env, packed.arrays)
         self.launches = bind(manifest, self.env, table)
+        self._rounded: dict[tuple[str, str], np.ndarray] = {}
         self.arrays: dict[str, np.ndarray] = {
             n: from_storage(a, table[n].dtype) for n, a in packed.arrays.items()}
         for info in table.values():
@@ -146,8 +140,17 @@ class ReferenceBackend:
         for info in table.values():
             if info.view_of is not None:
                 self.arrays[info.name] = self.arrays[info.view_of][info.offset:info.offset + info.shape[0]]
-        self.program = [(OPS[l.template], {a.param: self._arg(a) for a in l.args}, l.dtypes)
-                        for l in self.launches]
+        self.program = [(OPS[l.template], self._args(l), l.dtypes) for l in self.launches]
+
+    def _args(self, launch) -> dict:
+        args = {a.param: self._arg(a) for a in launch.args}
+        if launch.template == "gemv":                 # weights rounded to the compute dtype once
+            w = next(a.buffer for a in launch.args if a.param == "w")
+            key = (w, launch.dtypes["compute"])
+            if key not in self._rounded:
+                self._rounded[key] = _r(args["w"], launch.dtypes["compute"])
+            args["w"] = self._rounded[key]
+        return args
 
     def _arg(self, a):
         if a.buffer is None:
