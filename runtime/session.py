@@ -1,0 +1,118 @@
+"""One generation session: pick device, policy, target and backend, tokenize, load, run.
+
+This is the whole path behind ``codegen generate`` (and the benchmarks): every dtype it uses
+comes from the target's manifest/packing; it only decides *which* target and backend.
+Everything that can be refused is refused before weights are packed: an unknown device, a
+prompt that does not fit the model's context, a backend that cannot run here.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from codegen.specs import Specs
+
+from .errors import BackendUnavailable
+from .generate import Sampling, check_context, generate
+from .loader import pack_weights
+from .target import LoadError, Target, find_target, load_target, model_env
+from .tokenizer import HFTokenizer, StreamDecoder
+
+
+@dataclass
+class Result:
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str
+    decode_s: float
+
+
+def cuda_status() -> str | None:
+    """None when the CUDA backend can run here, else why not."""
+    from . import cuda
+    return cuda.unavailable_reason()
+
+
+def resolve_backend(backend: str) -> str:
+    if backend == "cpu":
+        return "cpu"
+    why = cuda_status()
+    if backend == "cuda" and why:
+        raise BackendUnavailable(f"--backend cuda cannot run here: {why}")
+    return "cpu" if why else "cuda"
+
+
+def resolve_device(specs: Specs, device: str, backend: str) -> str:
+    if device != "auto":
+        if device not in specs.devices:
+            raise LoadError(f"unknown device {device!r}; known: {', '.join(sorted(specs.devices))}")
+        return device
+    if backend == "cpu":
+        return "reference"
+    from .cuda import gpu_name
+    name = gpu_name()
+    for d in sorted(specs.devices.values(), key=lambda d: d.name):
+        if any(g.lower() in name.lower() for g in d.gpu_names):
+            return d.name
+    raise LoadError(f"--device auto: no device spec names the GPU {name!r} in gpu_names; "
+                    f"pass --device (one of {', '.join(sorted(specs.devices))}) or add a spec")
+
+
+class Session:
+    def __init__(self, target: Target, backend, tokenizer: HFTokenizer, prompt_ids: list[int], max_new: int,
+                 device: str, policy: str):
+        self.target, self.backend, self.tokenizer = target, backend, tokenizer
+        self.prompt_ids, self.max_new, self.device, self.policy = prompt_ids, max_new, device, policy
+
+    def run(self, sampling: Sampling = Sampling(), stream: TextIO | None = None) -> Result:
+        decoder = StreamDecoder(self.tokenizer)
+
+        def on_token(t: int) -> None:
+            if stream is not None:
+                stream.write(decoder.push(t))
+                stream.flush()
+
+        t0 = time.perf_counter()
+        new = generate(self.backend, self.prompt_ids, self.max_new, self.tokenizer.eos_ids, sampling, on_token)
+        dt = time.perf_counter() - t0
+        if stream is not None:
+            stream.write(decoder.flush())
+        return Result(self.prompt_ids, new, self.tokenizer.decode(new, skip_special_tokens=True), dt)
+
+
+def encode_prompt(tok: HFTokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return tok.encode(prompt)
+
+
+def open_session(specs: Specs, model_dir, device: str = "auto", policy: str | None = None, layout: str = "separate",
+                 backend: str = "auto", *, prompt: str, chat: bool = False, max_new_tokens: int = 64,
+                 progress: bool = True) -> Session:
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise LoadError(f"{model_dir} is not a model directory (no config.json); "
+                        f"make one with `codegen import-gguf --out {model_dir}` or `codegen synth-model`")
+    kind = resolve_backend(backend)
+    device = resolve_device(specs, device, kind)
+    policy = policy or specs.devices[device].default_policy
+    target = load_target(find_target(device, policy, layout))
+    tok = HFTokenizer(model_dir)
+    prompt_ids = encode_prompt(tok, prompt, chat)
+    config = json.loads((model_dir / "config.json").read_text())
+    env = model_env(target.manifest, config, model_dir / "config.json")
+    check_context(len(prompt_ids), max_new_tokens, env["max_seq"])
+    if progress:
+        print(f"[{target.name} on the {kind} backend]", file=sys.stderr, flush=True)
+    packed = pack_weights(target, model_dir, max_seq=len(prompt_ids) + max_new_tokens, progress=progress)
+    if kind == "cuda":
+        from .cuda import CudaBackend
+        be = CudaBackend(target, packed, progress=progress)
+    else:
+        from .reference import ReferenceBackend
+        be = ReferenceBackend(target.manifest, packed)
+    return Session(target, be, tok, prompt_ids, max_new_tokens, device, policy)
