@@ -1,0 +1,42 @@
+"""Shared fixtures: the real SmolLM2-135M-Instruct model, imported from its GGUF once per checkout.
+
+The import takes ~15 s, so it is cached in `<repo>/.cache/smollm2-<sha256[:12] of the GGUF>/`
+(git-ignored); a new GGUF version gets a new directory. `import_gguf` renames a finished
+directory into place, so a directory that exists with every file is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime.gguf_import import default_gguf_path, import_gguf
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    gguf = default_gguf_path()
+    out = REPO / ".cache" / f"smollm2-{_sha256(gguf)[:12]}"
+    if not all((out / name).is_file() for name in MODEL_FILES):
+        import_gguf(gguf, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_goldens() -> dict:
+    """Greedy decoding, prompt ids and a weight fingerprint recorded by transformers (make_goldens.py)."""
+    return json.loads((Path(__file__).resolve().parent / "goldens" / "smollm2_f32_greedy.json").read_text(encoding="utf-8"))
