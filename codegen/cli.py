@@ -168,6 +168,28 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from runtime.bench import compare_hf, print_result, run_bench
+    from runtime.loader import pack_weights
+    from runtime.session import resolve_backend, resolve_device
+    from runtime.target import find_target, load_target
+    specs = _specs(args)
+    resolve_backend("cuda")
+    device = resolve_device(specs, args.device, "cuda")
+    policy = args.policy or specs.devices[device].default_policy
+    target = load_target(find_target(device, policy, args.layout))
+    packed = pack_weights(target, args.model, max_seq=args.tokens + 16)
+    r = run_bench(target, packed, tokens=args.tokens)
+    print_result(r)
+    if args.compare == "hf":
+        emb = next(w for w in target.packing["weights"] if w["role"] == "embedding")["dtype"]
+        torch_dtype = emb if emb in ("f32", "f16", "bf16") else "f16"
+        for name, ms in compare_hf(args.model, torch_dtype, tokens=args.tokens).items():
+            print(f"  {name} ({torch_dtype}): {ms:8.3f} ms/token  {1e3 / ms:8.1f} tokens/s  "
+                  f"-> dtypeforge is {ms / r.ms_per_token:5.1f}x faster")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="codegen", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -210,6 +232,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0), p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help='print {"prompt_ids", "new_ids", "text"} instead of streaming')
+    p = add("bench", cmd_bench, "decode speed on the GPU vs the copy bandwidth measured in the same run")
+    p.add_argument("--model", required=True), p.add_argument("--device", default="auto")
+    p.add_argument("--policy"), p.add_argument("--layout", default="separate")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--compare", choices=("hf",), help="also time Hugging Face transformers on the same weights")
     return ap
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from codegen.compile import compile_cubin, toolchains_for
+from codegen.dtypes import DTYPES, INDEX_NP, from_storage
 
 from .binding import INDEX, BoundLaunch, bind, buffer_table
 from .errors import BackendUnavailable, KernelError
@@ -151,12 +152,11 @@ class CudaBackend:
         self.calls = [(self.functions[l.kernel], l.grid, l.block, self._args(l)) for l in self.launches]
         self.token = drv.pagelocked_zeros(1, np.int32)
         self.pos = drv.pagelocked_zeros(1, np.int32)
-        self.logits = drv.pagelocked_empty(table["logits"].shape, self._np(table["logits"].dtype))
+        self.logits = drv.pagelocked_empty(table["logits"].nbytes, np.uint8)
         self.graph = _Graph(self.stream, self._enqueue) if use_graph else None
 
     @staticmethod
     def _np(dtype: str):
-        from codegen.dtypes import DTYPES, INDEX_NP
         return INDEX_NP if dtype == INDEX else DTYPES[dtype].np_dtype
 
     def _args(self, l: BoundLaunch) -> tuple:
@@ -204,15 +204,14 @@ class CudaBackend:
     def step(self, token: int, pos: int) -> np.ndarray:
         self._run(token, pos)
         self.drv.memcpy_dtoh(self.logits, self.ptr["logits"])
-        from codegen.dtypes import from_storage
         dt = self.table["logits"].dtype
-        return from_storage(self.logits, dt) if dt != "f32" else self.logits.copy()
+        return from_storage(self.logits.view(self._np(dt)), dt).astype(np.float32, copy=True)
 
     def read(self, name: str) -> np.ndarray:
         """A device buffer's contents as its numpy dtype (tests and debugging)."""
         info = self.table[name]
         out = np.empty(info.shape, self._np(info.dtype))
-        self.drv.memcpy_dtoh(out, self.ptr[name])
+        self.drv.memcpy_dtoh(out.view(np.uint8), self.ptr[name])
         return out
 
     def greedy(self, first_token: int, pos: int, n: int) -> list[int]:

@@ -1,0 +1,165 @@
+"""`codegen bench`: decode speed of a target on the GPU, against the memory roofline measured in
+the same run, with a per-kernel profile and an optional side-by-side with transformers.
+
+Batch-1 decode reads every weight once per token, so the floor is weight bytes / bandwidth.
+The bandwidth is measured here, now (a device-to-device copy, bytes read + written), so the
+reported fraction is a ratio from one run rather than a comparison with a datasheet.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .binding import BoundLaunch
+
+
+@dataclass
+class BenchResult:
+    target: str
+    gpu: str
+    tokens: int
+    ms_per_token: float          # graph replays back to back, token fed back on the device
+    ms_per_token_host: float     # the same with a host round trip per token (what generate pays)
+    weight_bytes: int            # read per token
+    copy_gbs: float              # device-to-device copy, read + write bytes per second
+    profile: list[tuple[str, int, float]]   # (kernel template/op, launches, ms per token)
+
+    @property
+    def gbs(self) -> float:
+        return self.weight_bytes / (self.ms_per_token * 1e-3) / 1e9
+
+    @property
+    def roofline_fraction(self) -> float:
+        return self.gbs / self.copy_gbs
+
+
+def weight_bytes_per_token(launches: list[BoundLaunch], table) -> int:
+    """Bytes of weights one decode step reads: every weight a launch binds, once per launch;
+    the embedding gather reads one row of its table."""
+    total = 0
+    for l in launches:
+        for a in l.args:
+            if a.buffer is None or not table[a.buffer].weight:
+                continue
+            info = table[a.buffer]
+            if l.template == "embedding_gather":
+                total += math.prod(info.shape[1:]) * info.itemsize
+            else:
+                total += info.nbytes
+    return total
+
+
+def copy_bandwidth(drv, nbytes: int = 1 << 30, reps: int = 20) -> float:
+    a, b = drv.mem_alloc(nbytes), drv.mem_alloc(nbytes)
+    drv.memcpy_dtod(b, a, nbytes)
+    start, end = drv.Event(), drv.Event()
+    start.record()
+    for _ in range(reps):
+        drv.memcpy_dtod(b, a, nbytes)
+    end.record()
+    end.synchronize()
+    s = start.time_till(end) * 1e-3
+    a.free(), b.free()
+    return 2 * nbytes * reps / s / 1e9
+
+
+def profile_kernels(be, reps: int = 5) -> list[tuple[str, int, float]]:
+    """Non-graph pass with CUDA events around every launch; ms per token per op."""
+    drv = be.drv
+    per_op: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for _ in range(reps):
+        events = []
+        for (fn, grid, block, args), l in zip(be.calls, be.launches):
+            s, e = drv.Event(), drv.Event()
+            s.record(be.stream)
+            fn.prepared_async_call(grid[:2], block, be.stream, *args)
+            e.record(be.stream)
+            events.append((l, s, e))
+        be.stream.synchronize()
+        for l, s, e in events:
+            per_op[f"{l.op} [{l.kernel}]"][1] += s.time_till(e) / reps
+    counts = defaultdict(int)
+    for l in be.launches:
+        counts[f"{l.op} [{l.kernel}]"] += 1
+    return sorted(((k, counts[k], v[1]) for k, v in per_op.items()), key=lambda r: -r[2])
+
+
+def run_bench(target, packed, tokens: int = 128, progress: bool = True) -> BenchResult:
+    from .cuda import CudaBackend
+    be = CudaBackend(target, packed, progress=progress)
+    drv = be.drv
+    try:
+        gpu = drv.Device(0).name()
+        copy = copy_bandwidth(drv)
+        be.reset()
+        be.step(1, 0)
+        be.greedy(1, 1, 8)                       # warm up
+        be.reset()
+        be.token[0], be.pos[0] = 1, 0
+        drv.memcpy_htod(be.ptr["token"], be.token)
+        drv.memcpy_htod(be.ptr["pos"], be.pos)
+        start, end = drv.Event(), drv.Event()
+        start.record(be.stream)
+        for _ in range(tokens):
+            be.graph.launch()
+        end.record(be.stream)
+        end.synchronize()
+        ms = start.time_till(end) / tokens
+        be.reset()
+        t0 = time.perf_counter()
+        be.greedy(1, 0, tokens)
+        ms_host = (time.perf_counter() - t0) * 1e3 / tokens
+        prof = profile_kernels(be)
+        wb = weight_bytes_per_token(be.launches, be.table)
+        return BenchResult(target.name, gpu, tokens, ms, ms_host, wb, copy, prof)
+    finally:
+        be.close()
+
+
+def print_result(r: BenchResult, out=sys.stdout, top: int = 12) -> None:
+    p = lambda *a: print(*a, file=out)
+    p(f"target {r.target} on {r.gpu}, {r.tokens} tokens")
+    p(f"  device-to-device copy bandwidth (this run): {r.copy_gbs:8.1f} GB/s")
+    p(f"  weight bytes read per token:                {r.weight_bytes / 1e6:8.1f} MB")
+    p(f"  decode, graph replay:   {r.ms_per_token:8.3f} ms/token  {1e3 / r.ms_per_token:8.1f} tokens/s  "
+      f"{r.gbs:8.1f} GB/s  = {100 * r.roofline_fraction:5.1f}% of copy bandwidth")
+    p(f"  decode, host per token: {r.ms_per_token_host:8.3f} ms/token  {1e3 / r.ms_per_token_host:8.1f} tokens/s")
+    total = sum(t for _, _, t in r.profile)
+    p(f"  per-kernel profile (eager launches with events, {total:.3f} ms/token in kernels):")
+    for name, n, t in r.profile[:top]:
+        p(f"    {t:8.4f} ms  {100 * t / total:5.1f}%  x{n:<4d} {name}")
+
+
+def compare_hf(model_dir, torch_dtype: str, tokens: int = 128) -> dict[str, float]:
+    """ms/token of Hugging Face transformers on the same weights and GPU: eager, and static
+    cache + torch.compile where it works."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[torch_dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt)
+    except TypeError:                                   # transformers < 4.56 spells it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=dt)
+    model = model.cuda().eval()
+    ids = torch.tensor([[1, 2, 3, 4]], device="cuda")
+    out = {}
+
+    def timed(**kw):
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, **kw)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **kw)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3 / tokens
+
+    with torch.no_grad():
+        out["hf eager"] = timed()
+        try:
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            out["hf static cache + torch.compile"] = timed(cache_implementation="static")
+        except Exception as e:     # noqa: BLE001 - report, do not fail the benchmark
+            print(f"  (static cache + torch.compile failed: {type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
+    return out

@@ -1,0 +1,95 @@
+"""Run-time agreement of emitter and loader: before any launch, every kernel argument's declared
+dtype and shape is checked against the buffer bound to it. Tampering with a manifest (as a
+stale or hand-edited file would) must be caught with kernel, argument, expected and found."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from runtime.binding import BindError, bind, buffer_table
+from runtime.loader import pack_weights
+from runtime.reference import ReferenceBackend
+from runtime.synth import write_synthetic_model
+from runtime.target import Target, find_target, load_target
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_synthetic_model(tmp_path_factory.mktemp("tiny"), shape="tiny")
+
+
+@pytest.fixture(scope="module")
+def packed(tiny):
+    t = load_target(find_target("h100", "f16", "separate"))
+    return t, pack_weights(t, tiny, progress=False)
+
+
+def _gemv(manifest, op):
+    return next(l for l in manifest["decode_step"] if l["op"] == op)
+
+
+def test_untampered_manifest_binds(packed):
+    t, p = packed
+    launches = bind(t.manifest, p.env, buffer_table(t.manifest, p.env, p.arrays))
+    n_layers = p.env["n_layers"]
+    per_layer = sum(l["per_layer"] for l in t.manifest["decode_step"])
+    assert len(launches) == n_layers * per_layer + len(t.manifest["decode_step"]) - per_layer
+    # layer-major order: all of layer 0's ops before layer 1's
+    layers = [l.layer for l in launches if l.layer is not None]
+    assert layers == sorted(layers)
+
+
+def test_weight_dtype_tampered_in_manifest(packed):
+    t, p = packed
+    m = copy.deepcopy(t.manifest)
+    launch = _gemv(m, "q_proj")
+    kern = next(k for k in m["kernels"] if k["name"] == launch["kernel"])
+    # a manifest claiming the q weights are f32 (kernel signature and launch agree, the loader does not)
+    kern["params"][0]["dtype"] = "f32"
+    for k in m["kernels"]:
+        if k["name"] == launch["kernel"]:
+            k["params"][0]["dtype"] = "f32"
+    for l in m["decode_step"]:
+        if l["kernel"] == launch["kernel"]:
+            l["args"][0]["dtype"] = "f32"
+    with pytest.raises(BindError) as e:
+        bind(m, p.env, buffer_table(m, p.env, p.arrays))
+    msg = str(e.value)
+    assert launch["kernel"] in msg and "argument w" in msg and "expected f32" in msg and "found buffer layers.0.wq f16" in msg
+
+
+def test_shape_tampered_in_manifest(packed):
+    t, p = packed
+    m = copy.deepcopy(t.manifest)
+    next(a for a in _gemv(m, "o_proj")["args"] if a["param"] == "w")["shape"] = ["n_heads * head_dim", "hidden"]
+    arrays = dict(p.arrays)
+    # n_heads * head_dim == hidden in every shipped shape, so a packed array of another shape stands in
+    # for a loader that packed something other than what the manifest declares
+    arrays["layers.0.wo"] = np.zeros((p.env["hidden"] + 1, p.env["n_heads"] * p.env["head_dim"]), np.float16)
+    with pytest.raises(BindError, match=r"op o_proj, layer 0\), argument w: expected f16\[64, 64\], found buffer layers.0.wo f16\[65, 64\]"):
+        bind(m, p.env, buffer_table(m, p.env, arrays))
+
+
+def test_launch_and_kernel_signature_disagree(packed):
+    t, p = packed
+    m = copy.deepcopy(t.manifest)
+    next(a for a in _gemv(m, "down_proj")["args"] if a["param"] == "x")["dtype"] = "bf16"
+    with pytest.raises(BindError, match="argument x: the launch declares dtype bf16 but the kernel's parameter is f16"):
+        bind(m, p.env, buffer_table(m, p.env, p.arrays))
+
+
+def test_missing_packed_weight(packed):
+    t, p = packed
+    arrays = {k: v for k, v in p.arrays.items() if k != "layers.1.wdown"}
+    with pytest.raises(BindError, match="layer 1\\), argument w: buffer layers.1.wdown was never packed"):
+        bind(t.manifest, p.env, buffer_table(t.manifest, p.env, arrays))
+
+
+def test_reference_backend_refuses_tampered_manifest(packed):
+    t, p = packed
+    m = copy.deepcopy(t.manifest)
+    next(a for a in _gemv(m, "lm_head")["args"] if a["param"] == "w")["dtype"] = "f32"
+    with pytest.raises(BindError):
+        ReferenceBackend(m, p)
