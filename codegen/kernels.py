@@ -28,9 +28,12 @@ class Param:
 class KernelFamily:
     template: str
     params: tuple[Param, ...]
-    role_fields: tuple[str, ...]   # policy fields of the op's role that the kernel computes in
+    # role slot -> policy fields the kernel computes in. "" is the op's main role (`role:` in the
+    # model spec); a fused kernel also has e.g. "norm" (`norm_role:`) for its RMSNorm prologue.
+    slots: dict[str, tuple[str, ...]]
     grid: str
     block: str
+    smem_elems: str = "0"       # dynamic shared memory, in elements of the main compute dtype
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
@@ -40,46 +43,77 @@ class KernelFamily:
         """Parameters a model spec must bind (scales are bound by the Plan)."""
         return tuple(p for p in self.params if p.scale_of is None)
 
+    @property
+    def role_fields(self) -> tuple[str, ...]:
+        """Keys of the kernel's role dtypes: "compute", "norm.output", ..."""
+        return tuple(f"{slot}.{f}" if slot else f for slot, fields in self.slots.items() for f in fields)
 
-# Role fields are spelled in instance names with these letters.
-FIELD_SHORT = {"compute": "c", "accumulate": "a"}
 
-GEMV_ROWS_PER_BLOCK = 8  # one warp per output row
+# Role fields are spelled in instance names as slot letter + field letter: c, a, o, nc, rc, ...
+SLOT_SHORT = {"": "", "norm": "n", "rope": "r", "act": "e"}
+FIELD_SHORT = {"compute": "c", "accumulate": "a", "output": "o"}
+
+
+def field_short(key: str) -> str:
+    slot, _, fld = key.rpartition(".")
+    return SLOT_SHORT[slot] + FIELD_SHORT[fld]
+
+
+WARPS = 8          # warps per block of the row-parallel kernels: one warp per output row (or rope pair)
+_GEMV = (Param("w", "in", "w"), Param("scale", "in", "s", scale_of="w"))
+_NORM_IN = (Param("x", "in", "x"), Param("gamma", "in", "g"))
+_MAIN = ("compute", "accumulate")
+_NORM = {"norm": ("compute", "accumulate", "output")}
 
 FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
     KernelFamily("embedding_gather",
                  (Param("table", "in", "t"), Param("token", "index_in"), Param("out", "out", "o"), Param("hidden", "int")),
-                 (), "cdiv(hidden, 256)", "256"),
+                 {}, "cdiv(hidden, 256)", "256"),
     KernelFamily("rmsnorm",
-                 (Param("x", "in", "x"), Param("gamma", "in", "g"), Param("y", "out", "y"),
-                  Param("n", "int"), Param("eps", "float")),
-                 ("compute", "accumulate"), "1", "256"),
+                 _NORM_IN + (Param("y", "out", "y"), Param("n", "int"), Param("eps", "float")),
+                 {"": _MAIN}, "1", "256"),
     KernelFamily("gemv",
-                 (Param("w", "in", "w"), Param("scale", "in", "s", scale_of="w"), Param("x", "in", "x"),
-                  Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int")),
-                 ("compute", "accumulate"), f"cdiv(rows, {GEMV_ROWS_PER_BLOCK})", f"{32 * GEMV_ROWS_PER_BLOCK}"),
+                 _GEMV + (Param("x", "in", "x"), Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int")),
+                 {"": _MAIN}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols"),
     KernelFamily("rope",
                  (Param("q", "inout", "q"), Param("k", "inout", "k"), Param("pos", "index_in"),
                   Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("theta", "float")),
-                 ("compute",), "n_heads + n_kv_heads", "head_dim // 2"),
+                 {"": ("compute",)}, "n_heads + n_kv_heads", "head_dim // 2"),
     KernelFamily("kv_append",
                  (Param("k", "in", "k"), Param("v", "in", "v"), Param("k_cache", "out", "c"), Param("v_cache", "out", "d"),
                   Param("pos", "index_in"), Param("kv_dim", "int")),
-                 (), "cdiv(kv_dim, 256)", "256"),
+                 {}, "cdiv(kv_dim, 256)", "256"),
     KernelFamily("attention",
                  (Param("q", "in", "q"), Param("k_cache", "in", "k"), Param("v_cache", "in", "v"), Param("out", "out", "o"),
                   Param("pos", "index_in"), Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int")),
-                 ("compute", "accumulate"), "n_heads", "128"),
+                 {"": _MAIN}, "n_heads", "256"),
     KernelFamily("silu_mul",
                  (Param("gate", "in", "g"), Param("up", "in", "u"), Param("y", "out", "y"), Param("n", "int")),
-                 ("compute",), "cdiv(n, 256)", "256"),
+                 {"": ("compute",)}, "cdiv(n, 256)", "256"),
     KernelFamily("residual_add",
                  (Param("x", "inout", "x"), Param("d", "in", "d"), Param("n", "int")),
-                 ("compute",), "cdiv(n, 256)", "256"),
+                 {"": ("compute",)}, "cdiv(n, 256)", "256"),
     KernelFamily("argmax",
                  (Param("logits", "in", "l"), Param("token", "index_out"), Param("n", "int")),
-                 (), "1", "1024"),
+                 {}, "1", "1024"),
     KernelFamily("advance_pos",
                  (Param("pos", "index_inout"),),
-                 (), "1", "1"),
+                 {}, "1", "1"),
+    # ---- fused kernels: each is the composition of the ops above with the same rounding points
+    KernelFamily("norm_qkv_rope_kv",      # rmsnorm -> q/k/v GEMV -> RoPE -> q out, k/v into the caches at pos
+                 _NORM_IN + _GEMV + (Param("q", "out", "q"), Param("k_cache", "out", "k"), Param("v_cache", "out", "v"),
+                                     Param("pos", "index_in"), Param("cols", "int"), Param("n_heads", "int"),
+                                     Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("eps", "float"),
+                                     Param("theta", "float")),
+                 {**_NORM, "": _MAIN + ("output",), "rope": ("compute",)},
+                 f"cdiv((n_heads + 2 * n_kv_heads) * (head_dim // 2), {WARPS})", f"{32 * WARPS}", "cols"),
+    KernelFamily("gemv_residual",         # x += W a  (GEMV, then the residual add in the epilogue)
+                 _GEMV + (Param("a", "in", "i"), Param("x", "inout", "x"), Param("rows", "int"), Param("cols", "int")),
+                 {"": _MAIN + ("output",), "act": ("compute",)}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols"),
+    KernelFamily("norm_gemv_swiglu",      # rmsnorm -> gate/up GEMV (fused rows) -> SiLU(gate) * up
+                 _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")),
+                 {**_NORM, "": _MAIN + ("output",), "act": ("compute",)}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols"),
+    KernelFamily("norm_gemv",             # rmsnorm -> GEMV
+                 _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")),
+                 {**_NORM, "": _MAIN}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols"),
 )}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .dtypes import DTYPES, DType
-from .kernels import FAMILIES, FIELD_SHORT, INDEX_KINDS, PTR_KINDS, KernelFamily
+from .kernels import FAMILIES, INDEX_KINDS, PTR_KINDS, KernelFamily, field_short
 from .specs import Device, ModelSpec, Policy, Specs, check_runs_on
 from .yamlsrc import SpecError
 
@@ -48,15 +48,13 @@ class Buffer:
     name: str
     dtype: str                    # a DTYPES key or "index"
     shape: list[str]
-    view_of: str | None = None
-    offset: str = "0"
 
 
 @dataclass
 class KernelInstance:
     name: str
     family: KernelFamily
-    dtypes: dict[str, str]        # pointer param or role field -> dtype name
+    dtypes: dict[str, str]        # pointer param or role field ("compute", "norm.output", ...) -> dtype name
 
     def t(self) -> dict[str, DType]:
         return {k: DTYPES[v] for k, v in self.dtypes.items()}
@@ -70,6 +68,7 @@ class Launch:
     args: list[dict]              # ordered like the kernel's parameters
     grid: str
     block: str
+    smem: str                     # dynamic shared memory bytes (expression)
 
 
 @dataclass
@@ -107,6 +106,8 @@ def resolve(specs: Specs, device: str, policy: str, layout: str, model: str = "l
     _resolve_weights(plan)
     _resolve_buffers(plan)
     _resolve_launches(plan)
+    used = {a["buffer"] for l in plan.launches for a in l.args if "buffer" in a}
+    plan.buffers = {n: b for n, b in plan.buffers.items() if n in used}
     return plan
 
 
@@ -147,16 +148,7 @@ def _resolve_buffers(plan: Plan) -> None:
     for b in plan.model.buffers.values():
         if not _in_layout(b.layout, plan.layout):
             continue
-        view = b.views.get(plan.layout)
-        buf = Buffer(b.name, plan.role_dtype(b.dtype), list(b.shape))
-        if view:
-            buf.view_of, buf.offset = view
-            parent = plan.model.buffers[view[0]]
-            if plan.role_dtype(parent.dtype) != buf.dtype:
-                raise plan.policy.error(*b.dtype.split("."), buf.dtype,
-                                        f"in layout {plan.layout} buffer {b.name} is a view of {parent.name}, "
-                                        f"whose dtype is {plan.role_dtype(parent.dtype)} ({parent.dtype}); they must match")
-        plan.buffers[b.name] = buf
+        plan.buffers[b.name] = Buffer(b.name, plan.role_dtype(b.dtype), list(b.shape))
 
 
 def _resolve_launches(plan: Plan) -> None:
@@ -196,17 +188,20 @@ def _resolve_launches(plan: Plan) -> None:
                 args.append(a)
             else:
                 args.append({"param": prm.name, "kind": prm.kind, "value": v})
-        for f in fam.role_fields:
-            dtypes[f] = getattr(plan.roles[op.role], f)
+        for slot, fields in fam.slots.items():
+            for f in fields:
+                dtypes[f"{slot}.{f}" if slot else f] = getattr(plan.roles[op.roles[slot]], f)
         name = instance_name(fam, dtypes)
         plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes))
-        plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block))
+        smem = "0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * {DTYPES[dtypes['compute']].itemsize}"
+        plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block, smem))
 
 
 def instance_name(fam: KernelFamily, dtypes: dict[str, str]) -> str:
-    """``gemv_wf16_xf32_yf32_cf32_af32``: every operand's dtype, in parameter order, then role fields."""
+    """``gemv_wf16_xf32_yf32_cf32_af32``: every operand's dtype in parameter order, then the role dtypes
+    it computes in (c compute, a accumulate, o output; n.. of the norm prologue, r.. rope, e.. elementwise)."""
     parts = [f"{p.short}{dtypes[p.name]}" for p in fam.params if p.name in dtypes]
-    parts += [f"{FIELD_SHORT[f]}{dtypes[f]}" for f in fam.role_fields]
+    parts += [f"{field_short(f)}{dtypes[f]}" for f in fam.role_fields]
     return "_".join([fam.template] + parts)
 
 

@@ -48,13 +48,12 @@ def _header(plan: Plan, digest: str) -> dict:
 
 def render_kernels(plan: Plan, digest: str) -> str:
     used = {d for k in plan.kernels.values() for d in k.dtypes.values()}
+    arith = {d for k in plan.kernels.values() for f, d in k.dtypes.items() if f in k.family.role_fields}
     return _env.get_template("kernels.cu.j2").render(
         target=plan.target, model=plan.model.name, device=plan.device.name, arch=plan.device.arch,
         policy=plan.policy.name, layout=plan.layout, inputs_hash=digest,
         kernels=sorted(plan.kernels.values(), key=lambda k: k.name),
-        dtypes_used=sorted(used), arith_used=sorted(d for k in plan.kernels.values()
-                                                     for f, d in k.dtypes.items() if f in ("compute", "accumulate")
-                                                     and d in ARITH_DTYPES))
+        dtypes_used=sorted(used), arith_used=sorted(arith & set(ARITH_DTYPES)))
 
 
 def manifest(plan: Plan, digest: str) -> dict:
@@ -63,10 +62,7 @@ def manifest(plan: Plan, digest: str) -> dict:
         **_header(plan, digest),
         "config": {s: {"hf": c.hf, "type": c.type, "default": c.default} for s, c in m.config.items()},
         "roles": {r: {f: v for f, v in vars(rd).items() if v is not None} for r, rd in plan.roles.items()},
-        "buffers": [
-            {"name": b.name, "dtype": b.dtype, "shape": b.shape, **({"view_of": b.view_of, "offset": b.offset} if b.view_of else {})}
-            for b in plan.buffers.values()
-        ],
+        "buffers": [{"name": b.name, "dtype": b.dtype, "shape": b.shape} for b in plan.buffers.values()],
         "weights": [
             {"name": w.name, "role": w.role, "dtype": w.storage, "shape": w.shape, "per_layer": w.per_layer,
              **({"scale": w.scale, "scale_dtype": w.scale_dtype} if w.scale else {})}
@@ -76,11 +72,12 @@ def manifest(plan: Plan, digest: str) -> dict:
             {"name": k.name, "template": k.family.template,
              "params": [{"name": p.name, "kind": p.kind, **({"dtype": k.dtypes[p.name]} if p.name in k.dtypes else {})}
                         for p in k.family.params if p.scale_of is None or p.name in k.dtypes],
-             **{f: k.dtypes[f] for f in k.family.role_fields}}
+             "roles": {f: k.dtypes[f] for f in k.family.role_fields}}
             for k in sorted(plan.kernels.values(), key=lambda k: k.name)
         ],
         "decode_step": [
-            {"op": l.op, "kernel": l.kernel, "per_layer": l.per_layer, "grid": l.grid, "block": l.block, "args": l.args}
+            {"op": l.op, "kernel": l.kernel, "per_layer": l.per_layer, "grid": l.grid, "block": l.block, "smem": l.smem,
+             "args": l.args}
             for l in plan.launches
         ],
     }

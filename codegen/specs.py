@@ -101,14 +101,13 @@ class BufferDef:
     dtype: str                          # "index" or "<role>.<field>"
     shape: tuple[str, ...]
     layout: str | None
-    views: dict[str, tuple[str, str]]   # layout -> (buffer, offset expr)
 
 
 @dataclass
 class OpDef:
     op: str
     kernel: str
-    role: str | None
+    roles: dict[str, str]        # role slot ("" = the op's main role, "norm", "rope", ...) -> role
     per_layer: bool
     layout: str | None
     args: dict[str, str]
@@ -224,40 +223,36 @@ def load_model(path: Path) -> ModelSpec:
     for b, bd in d["buffers"].items():
         p = ("buffers", b)
         _ident(src, p, b)
-        _mapping(src, p, bd, {"dtype": str, "shape": list}, {"layout": str, "view_in": dict})
+        _mapping(src, p, bd, {"dtype": str, "shape": list}, {"layout": str})
         if bd["dtype"] != "index":
             role, _, fld = bd["dtype"].partition(".")
             if role not in roles or fld not in roles[role]:
                 raise src.error(p + ("dtype",), bd["dtype"], "must be 'index' or <role>.<field> with a field the role has")
         shape = tuple(_expr(src, p + ("shape", i), e, ints) for i, e in enumerate(bd["shape"]))
-        views = {}
-        for lname, vd in bd.get("view_in", {}).items():
-            layout_ref(p + ("view_in", lname), lname)
-            _mapping(src, p + ("view_in", lname), vd, {"of": str, "offset": (int, str)})
-            views[lname] = (vd["of"], _expr(src, p + ("view_in", lname, "offset"), vd["offset"], ints))
-        buffers[b] = BufferDef(b, bd["dtype"], shape, layout_ref(p + ("layout",), bd.get("layout")), views)
-    for b in buffers.values():
-        for lname, (of, _) in b.views.items():
-            if of not in buffers or buffers[of].views:
-                raise src.error(("buffers", b.name, "view_in", lname, "of"), of, "must name a buffer that is not itself a view")
+        buffers[b] = BufferDef(b, bd["dtype"], shape, layout_ref(p + ("layout",), bd.get("layout")))
 
     decode_step = []
     for n, od in enumerate(d["decode_step"]):
         p = ("decode_step", n)
-        _mapping(src, p, od, {"op": str, "kernel": str, "args": dict}, {"role": str, "per_layer": bool, "layout": str})
-        _ident(src, p + ("op",), od["op"])
-        fam = FAMILIES.get(od["kernel"])
+        if not isinstance(od, dict):
+            raise src.error(p, od, "expected a mapping {op, kernel, args, ...}")
+        fam = FAMILIES.get(od.get("kernel"))
         if fam is None:
-            raise src.error(p + ("kernel",), od["kernel"], _allowed(FAMILIES))
-        role = od.get("role")
-        if fam.role_fields:
+            raise src.error(p + ("kernel",), od.get("kernel", "<no 'kernel'>"), _allowed(FAMILIES))
+        slot_keys = {f"{slot}_role" if slot else "role": str for slot in fam.slots}
+        _mapping(src, p, od, {"op": str, "kernel": str, "args": dict}, {"per_layer": bool, "layout": str, **slot_keys})
+        _ident(src, p + ("op",), od["op"])
+        op_roles = {}
+        for slot, fields in fam.slots.items():
+            key = f"{slot}_role" if slot else "role"
+            role = od.get(key)
             if role not in roles:
-                raise src.error(p + ("role",), role, f"kernel {fam.template} computes in a role's dtypes; {_allowed(roles)}")
-            missing = [f for f in fam.role_fields if f not in roles[role]]
+                raise src.error(p + (key,), role if role is not None else f"<no '{key}'>",
+                                f"kernel {fam.template} computes in the dtypes of a role given by '{key}'; {_allowed(roles)}")
+            missing = [f for f in fields if f not in roles[role]]
             if missing:
-                raise src.error(p + ("role",), role, f"kernel {fam.template} needs a role with fields {list(fam.role_fields)}")
-        elif role is not None:
-            raise src.error(p + ("role",), role, f"kernel {fam.template} takes no role (it does no arithmetic)")
+                raise src.error(p + (key,), role, f"kernel {fam.template} needs {key} to have fields {list(fields)}")
+            op_roles[slot] = role
         args = {}
         names = [q.name for q in fam.spec_params]
         for a, v in od["args"].items():
@@ -285,7 +280,7 @@ def load_model(path: Path) -> ModelSpec:
             else:
                 syms = ints + floats if prm.kind == "float" else ints
                 args[prm.name] = _expr(src, ap, v, syms)
-        decode_step.append(OpDef(od["op"], od["kernel"], role, od.get("per_layer", False),
+        decode_step.append(OpDef(od["op"], od["kernel"], op_roles, od.get("per_layer", False),
                                  layout_ref(p + ("layout",), od.get("layout")), args))
     return ModelSpec(d["name"], src, config, roles, docs, tensors, layouts, weights, buffers, decode_step)
 

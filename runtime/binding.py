@@ -32,8 +32,6 @@ class BufferInfo:
     dtype: str                   # a DTYPES key or "index"
     shape: tuple[int, ...]
     weight: bool
-    view_of: str | None = None   # activations only: parent buffer
-    offset: int = 0              # elements into the parent
 
     @property
     def itemsize(self) -> int:
@@ -64,6 +62,7 @@ class BoundLaunch:
     args: tuple[Arg, ...]
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
+    smem: int                    # dynamic shared memory bytes
 
 
 def dtype_name(arr: np.ndarray) -> str:
@@ -79,11 +78,7 @@ def buffer_table(manifest: dict, env: dict, packed: dict[str, np.ndarray]) -> di
     """Weights as the loader packed them; activations and caches as the manifest declares them."""
     table = {name: BufferInfo(name, dtype_name(arr), tuple(arr.shape), True) for name, arr in packed.items()}
     for b in manifest["buffers"]:
-        shape = tuple(evaluate(s, env) for s in b["shape"])
-        if "view_of" in b:
-            table[b["name"]] = BufferInfo(b["name"], b["dtype"], shape, False, b["view_of"], evaluate(b["offset"], env))
-        else:
-            table[b["name"]] = BufferInfo(b["name"], b["dtype"], shape, False)
+        table[b["name"]] = BufferInfo(b["name"], b["dtype"], tuple(evaluate(s, env) for s in b["shape"]), False)
     return table
 
 
@@ -116,7 +111,7 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundL
             raise BindError(f"op {launch['op']}: kernel {launch['kernel']} is not among the manifest's kernels")
         declared = {p["name"]: p for p in kern["params"]}
         dtypes = {p["name"]: p["dtype"] for p in kern["params"] if "dtype" in p}
-        dtypes.update({f: kern[f] for f in ("compute", "accumulate") if f in kern})
+        dtypes.update(kern["roles"])
         if [a["param"] for a in launch["args"]] != list(declared):
             raise BindError(f"kernel {kern['name']} (op {launch['op']}): arguments {[a['param'] for a in launch['args']]} "
                             f"do not match its parameters {list(declared)}")
@@ -146,8 +141,8 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundL
                 raise BindError(f"{where}: expected {want_dtype}{list(shape)}, found buffer {name} "
                                 f"{info.dtype}{list(found_shape)}")
             args.append(Arg(a["param"], a["kind"], buffer=name, offset=offset, shape=shape))
-        grid = evaluate(launch["grid"], {**env, **scalars})
-        block = evaluate(launch["block"], {**env, **scalars})
+        ev = {**env, **scalars}
         out.append(BoundLaunch(launch["op"], i, kern["name"], kern["template"], dtypes, tuple(args),
-                               _dim3(grid), _dim3(block)))
+                               _dim3(evaluate(launch["grid"], ev)), _dim3(evaluate(launch["block"], ev)),
+                               int(evaluate(launch["smem"], ev))))
     return out

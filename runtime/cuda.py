@@ -117,7 +117,7 @@ class CudaBackend:
 
         weights = {id(a): a for a in packed.arrays.values()}
         need = sum(a.nbytes for a in weights.values())
-        need += sum(i.nbytes for i in table.values() if not i.weight and i.view_of is None)
+        need += sum(i.nbytes for i in table.values() if not i.weight)
         free, total = drv.mem_get_info()
         if need > free:
             raise BackendUnavailable(f"target {target.name} needs {need / 2**30:.2f} GiB of device memory for this "
@@ -133,13 +133,10 @@ class CudaBackend:
                 by_id[id(arr)] = drv.to_device(np.ascontiguousarray(arr).view(np.uint8))
             self.alloc[name] = by_id[id(arr)]
         for info in table.values():
-            if not info.weight and info.view_of is None:
+            if not info.weight:
                 self.alloc[info.name] = drv.mem_alloc(max(1, info.nbytes))
                 drv.memset_d8(self.alloc[info.name], 0, max(1, info.nbytes))
         self.ptr = {n: int(a) for n, a in self.alloc.items()}
-        for info in table.values():
-            if info.view_of is not None:
-                self.ptr[info.name] = self.ptr[info.view_of] + info.offset * info.itemsize
         self.table = table
         if progress:
             print(f"uploaded {need / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -149,7 +146,7 @@ class CudaBackend:
             if l.kernel not in self.functions:
                 fmt = "".join("P" if a.buffer else _FMT[a.kind] for a in l.args)
                 self.functions[l.kernel] = self.module.get_function(l.kernel).prepare(fmt)
-        self.calls = [(self.functions[l.kernel], l.grid, l.block, self._args(l)) for l in self.launches]
+        self.calls = [(self.functions[l.kernel], l.grid, l.block, l.smem, self._args(l)) for l in self.launches]
         self.token = drv.pagelocked_zeros(1, np.int32)
         self.pos = drv.pagelocked_zeros(1, np.int32)
         self.logits = drv.pagelocked_empty(table["logits"].nbytes, np.uint8)
@@ -169,14 +166,14 @@ class CudaBackend:
         return tuple(out)
 
     def _enqueue(self) -> None:
-        for fn, grid, block, args in self.calls:
-            fn.prepared_async_call(grid[:2], block, self.stream, *args)
+        for fn, grid, block, smem, args in self.calls:
+            fn.prepared_async_call(grid[:2], block, self.stream, *args, shared_size=smem)
 
     def _find_failing_kernel(self, err: Exception) -> KernelError:
         """Re-run the step launch by launch, synchronizing after each, to name the culprit."""
-        for (fn, grid, block, args), l in zip(self.calls, self.launches):
+        for (fn, grid, block, smem, args), l in zip(self.calls, self.launches):
             try:
-                fn.prepared_async_call(grid[:2], block, self.stream, *args)
+                fn.prepared_async_call(grid[:2], block, self.stream, *args, shared_size=smem)
                 self.stream.synchronize()
             except self.drv.Error as e:
                 layer = "" if l.layer is None else f", layer {l.layer}"
@@ -185,7 +182,7 @@ class CudaBackend:
 
     def reset(self) -> None:
         for info in self.table.values():
-            if not info.weight and info.view_of is None:
+            if not info.weight:
                 self.drv.memset_d8(self.alloc[info.name], 0, max(1, info.nbytes))
 
     def _run(self, token: int, pos: int) -> None:

@@ -118,8 +118,53 @@ def advance_pos(a, d):
     a["pos"][0] += 1
 
 
+# ---- fused kernels: the composition of the ops above, with the same rounding points ----------
+
+def _sub(d: dict, slot: str) -> dict:
+    """The role dtypes of one stage of a fused kernel, keyed as the unfused op expects."""
+    return {f.split(".", 1)[1]: v for f, v in d.items() if f.startswith(slot + ".")}
+
+
+def _norm_then_gemv(a, d, rows_w):
+    """rmsnorm into a temporary rounded to norm.output, then the GEMV into one rounded to output."""
+    xn = np.empty(a["cols"], F32)
+    rmsnorm({"x": a["x"], "gamma": a["gamma"], "y": xn, "n": a["cols"], "eps": a["eps"]}, {**_sub(d, "norm"), "y": d["norm.output"]})
+    y = np.empty(rows_w, F32)
+    g = {"w": a["w"], "x": xn, "y": y, **({"scale": a["scale"]} if "scale" in a else {})}
+    gemv(g, {"compute": d["compute"], "accumulate": d["accumulate"], "y": d.get("output", d.get("y"))})
+    return y
+
+
+def norm_gemv(a, d):
+    a["y"][:] = _norm_then_gemv(a, d, a["rows"])
+
+
+def norm_qkv_rope_kv(a, d):
+    nq, nkv = a["n_heads"] * a["head_dim"], a["n_kv_heads"] * a["head_dim"]
+    y = _norm_then_gemv(a, d, nq + 2 * nkv)
+    q, k, v = y[:nq], y[nq:nq + nkv], y[nq + nkv:]
+    rope({"q": q, "k": k, "pos": a["pos"], "n_heads": a["n_heads"], "n_kv_heads": a["n_kv_heads"],
+          "head_dim": a["head_dim"], "theta": a["theta"]}, {**_sub(d, "rope"), "q": d["output"], "k": d["output"]})
+    a["q"][:] = _r(q, d["q"])
+    kv_append({"k": k, "v": v, "k_cache": a["k_cache"], "v_cache": a["v_cache"], "pos": a["pos"]},
+              {"k_cache": d["k_cache"], "v_cache": d["v_cache"]})
+
+
+def gemv_residual(a, d):
+    o = np.empty(a["rows"], F32)
+    gemv({"w": a["w"], "x": a["a"], "y": o, **({"scale": a["scale"]} if "scale" in a else {})},
+         {"compute": d["compute"], "accumulate": d["accumulate"], "y": d["output"]})
+    residual_add({"x": a["x"], "d": o}, {**_sub(d, "act"), "x": d["x"]})
+
+
+def norm_gemv_swiglu(a, d):
+    y = _norm_then_gemv(a, d, 2 * a["rows"])
+    silu_mul({"gate": y[:a["rows"]], "up": y[a["rows"]:], "y": a["y"]}, {**_sub(d, "act"), "y": d["y"]})
+
+
 OPS = {f.__name__: f for f in (embedding_gather, rmsnorm, gemv, rope, kv_append, attention, silu_mul,
-                               residual_add, argmax, advance_pos)}
+                               residual_add, argmax, advance_pos,
+                               norm_gemv, norm_qkv_rope_kv, gemv_residual, norm_gemv_swiglu)}
 
 
 class ReferenceBackend:
@@ -135,16 +180,13 @@ class ReferenceBackend:
         self.arrays: dict[str, np.ndarray] = {
             n: from_storage(a, table[n].dtype) for n, a in packed.arrays.items()}
         for info in table.values():
-            if not info.weight and info.view_of is None:
+            if not info.weight:
                 self.arrays[info.name] = np.zeros(info.shape, dtype=np.int32 if info.dtype == "index" else F32)
-        for info in table.values():
-            if info.view_of is not None:
-                self.arrays[info.name] = self.arrays[info.view_of][info.offset:info.offset + info.shape[0]]
         self.program = [(OPS[l.template], self._args(l), l.dtypes) for l in self.launches]
 
     def _args(self, launch) -> dict:
         args = {a.param: self._arg(a) for a in launch.args}
-        if launch.template == "gemv":                 # weights rounded to the compute dtype once
+        if "w" in args:                               # weights rounded to the compute dtype once
             w = next(a.buffer for a in launch.args if a.param == "w")
             key = (w, launch.dtypes["compute"])
             if key not in self._rounded:
@@ -163,8 +205,7 @@ class ReferenceBackend:
 
     def reset(self) -> None:
         for b in self.manifest["buffers"]:
-            if "view_of" not in b:
-                self.arrays[b["name"]][...] = 0
+            self.arrays[b["name"]][...] = 0
 
     def step(self, token: int, pos: int) -> np.ndarray:
         """Run one decode step for ``token`` at ``pos``; returns the logits as float32."""

@@ -31,6 +31,11 @@ def edit(path: Path, old: str, new: str) -> int:
     return line
 
 
+def op_index(specs: Path, op: str) -> int:
+    import yaml
+    return [o["op"] for o in yaml.safe_load((specs / "models/llama.yaml").read_text())["decode_step"]].index(op)
+
+
 def run_cli(specs: Path, capsys, *args) -> tuple[int, str]:
     code = main(["build", "--check", "--specs", str(specs), "--out", str(specs.parent / "gen"), *args])
     return code, capsys.readouterr().err
@@ -203,8 +208,9 @@ def test_shape_expressions_cannot_inject(specs_dir, capsys, bad):
 def test_names_reaching_generated_code_are_identifiers(specs_dir, capsys, bad):
     f = specs_dir / "models/llama.yaml"
     import json
+    i = op_index(specs_dir, "silu_mul")
     line = edit(f, "{op: silu_mul,", f"{{op: {json.dumps(bad)},")
-    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "decode_step.15.op", "C identifier")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, f"decode_step.{i}.op", "C identifier")
 
 
 def test_policy_name_must_match_file(specs_dir, capsys):
@@ -215,14 +221,16 @@ def test_policy_name_must_match_file(specs_dir, capsys):
 
 def test_decode_step_unknown_kernel_and_arg(specs_dir, capsys):
     f = specs_dir / "models/llama.yaml"
+    i = op_index(specs_dir, "silu_mul")
     line = edit(f, "kernel: silu_mul,", "kernel: gelu_mul,")
-    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "decode_step.15.kernel", "'gelu_mul'", "allowed:")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, f"decode_step.{i}.kernel", "'gelu_mul'", "allowed:")
 
 
 def test_decode_step_binding_unknown_buffer(specs_dir, capsys):
     f = specs_dir / "models/llama.yaml"
+    i = op_index(specs_dir, "ffn_residual")
     line = edit(f, "args: {x: x, d: down, n: hidden}", "args: {x: x, d: dwn, n: hidden}")
-    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "decode_step.17.args.d", "'dwn'", "must name a buffer or weight")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, f"decode_step.{i}.args.d", "'dwn'", "must name a buffer or weight")
 
 
 def test_buffer_dtype_must_name_role_field(specs_dir, capsys):
@@ -258,3 +266,17 @@ def test_user_spec_folder_with_a_new_policy(specs_dir, capsys, tmp_path):
     assert main(["build", "--specs", str(specs_dir), "--out", str(out), "--device", "h100", "--policy", "kv-f16"]) == 0
     cu = (out / "h100.kv-f16.separate" / "kernels.cu").read_text()
     assert "kv_append_kf32_vf32_cf16_df16" in cu and "attention_qf32_kf16_vf16_of32_cf32_af32" in cu
+
+
+def test_fused_kernel_needs_its_stage_roles(specs_dir, capsys):
+    f = specs_dir / "models/llama.yaml"
+    i = op_index(specs_dir, "ffn_norm_gate_up_silu")
+    line = edit(f, "role: gate_proj, norm_role: ffn_norm, act_role: activations,", "role: gate_proj, act_role: activations,")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, f"decode_step.{i}", "<no 'norm_role'>", "norm_gemv_swiglu")
+
+
+def test_stage_role_must_have_the_fields_the_kernel_uses(specs_dir, capsys):
+    f = specs_dir / "models/llama.yaml"
+    i = op_index(specs_dir, "o_proj_residual")
+    line = edit(f, "kernel: gemv_residual, role: o_proj, act_role: activations,", "kernel: gemv_residual, role: o_proj, act_role: embedding,")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, f"decode_step.{i}.act_role", "'embedding'", "fields ['compute']")
