@@ -33,7 +33,7 @@ class KernelFamily:
     slots: dict[str, tuple[str, ...]]
     grid: str
     block: str
-    smem_elems: str = "0"       # dynamic shared memory, in elements of the main compute dtype
+    smem_elems: str = "0"       # dynamic shared memory, in f32 elements (the staged input vector)
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)

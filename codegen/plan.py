@@ -193,7 +193,7 @@ def _resolve_launches(plan: Plan) -> None:
                 dtypes[f"{slot}.{f}" if slot else f] = getattr(plan.roles[op.roles[slot]], f)
         name = instance_name(fam, dtypes)
         plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes))
-        smem = "0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * {DTYPES[dtypes['compute']].itemsize}"
+        smem = "0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * 4"
         plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block, smem))
 
 
