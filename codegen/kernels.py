@@ -86,7 +86,7 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
     KernelFamily("attention",
                  (Param("q", "in", "q"), Param("k_cache", "in", "k"), Param("v_cache", "in", "v"), Param("out", "out", "o"),
                   Param("pos", "index_in"), Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int")),
-                 {"": _MAIN}, "n_heads", "256"),
+                 {"": _MAIN}, "n_heads", "512"),
     KernelFamily("silu_mul",
                  (Param("gate", "in", "g"), Param("up", "in", "u"), Param("y", "out", "y"), Param("n", "int")),
                  {"": ("compute",)}, "cdiv(n, 256)", "256"),
