@@ -163,8 +163,8 @@ def cmd_generate(args) -> int:
                           "device": sess.device, "policy": sess.policy, "backend": sess.backend.name}))
     else:
         print(file=sys.stdout)
-        B.progress(f"[{sess.backend.name} backend, {sess.target.name}: {len(result.new_ids)} tokens, "
-                   f"{result.decode_s / max(1, len(result.new_ids)) * 1e3:.1f} ms/token decode]")
+        B.progress(f"[{sess.backend.name} backend, {sess.target.name}: prefill {len(result.prompt_ids)} tokens in "
+                   f"{result.prefill_s:.2f} s, {len(result.new_ids)} new tokens at {result.ms_per_token:.1f} ms/token]")
     return 0
 
 

@@ -28,7 +28,12 @@ class Result:
     prompt_ids: list[int]
     new_ids: list[int]
     text: str
-    decode_s: float
+    prefill_s: float          # prompt steps, up to the first new token
+    decode_s: float           # the remaining new tokens
+
+    @property
+    def ms_per_token(self) -> float:
+        return self.decode_s * 1e3 / max(1, len(self.new_ids) - 1)
 
 
 def cuda_status() -> str | None:
@@ -70,18 +75,22 @@ class Session:
 
     def run(self, sampling: Sampling = Sampling(), stream: TextIO | None = None) -> Result:
         decoder = StreamDecoder(self.tokenizer)
+        first: list[float] = []
 
         def on_token(t: int) -> None:
+            if not first:
+                first.append(time.perf_counter())
             if stream is not None:
                 stream.write(decoder.push(t))
                 stream.flush()
 
         t0 = time.perf_counter()
         new = generate(self.backend, self.prompt_ids, self.max_new, self.tokenizer.eos_ids, sampling, on_token)
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
         if stream is not None:
             stream.write(decoder.flush())
-        return Result(self.prompt_ids, new, self.tokenizer.decode(new, skip_special_tokens=True), dt)
+        return Result(self.prompt_ids, new, self.tokenizer.decode(new, skip_special_tokens=True),
+                      first[0] - t0, t1 - first[0])
 
 
 def encode_prompt(tok: HFTokenizer, prompt: str, chat: bool) -> list[int]:
