@@ -43,6 +43,7 @@ def _header(plan: Plan, digest: str) -> dict:
         "arch": plan.device.arch,
         "policy": plan.policy.name,
         "layout": plan.layout,
+        "programmatic_dependent_launch": bool(plan.device.capabilities.get("programmatic_dependent_launch")),
     }
 
 
@@ -52,6 +53,7 @@ def render_kernels(plan: Plan, digest: str) -> str:
     return _env.get_template("kernels.cu.j2").render(
         target=plan.target, model=plan.model.name, device=plan.device.name, arch=plan.device.arch,
         policy=plan.policy.name, layout=plan.layout, inputs_hash=digest,
+        pdl=bool(plan.device.capabilities.get("programmatic_dependent_launch")),
         kernels=sorted(plan.kernels.values(), key=lambda k: k.name),
         dtypes_used=sorted(used), arith_used=sorted(arith & set(ARITH_DTYPES)))
 

@@ -26,7 +26,7 @@ POLICY_FIELDS = ("storage", "compute", "accumulate", "output", "quant", "scale")
 FIELD_ALLOWED = {"storage": STORAGE_DTYPES, "compute": ARITH_DTYPES, "accumulate": ARITH_DTYPES,
                  "output": ARITH_DTYPES, "quant": QUANT_SCHEMES, "scale": SCALE_DTYPES}
 CAPABILITIES = {"native_f16_arith": bool, "native_bf16_arith": bool, "fp8_convert": bool,
-                "tensor_cores": bool, "smem_per_block": int}
+                "tensor_cores": bool, "programmatic_dependent_launch": bool, "smem_per_block": int}
 CONFIG_TYPES = {"int": int, "float": float, "bool": bool}
 
 

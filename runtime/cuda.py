@@ -30,7 +30,6 @@ from .errors import BackendUnavailable, KernelError
 
 CACHE = Path(os.environ.get("DTYPEFORGE_CACHE", Path.home() / ".cache" / "dtypeforge")) / "cubin"
 COMPILE_OPTIONS: tuple[str, ...] = ()
-_FMT = {"int": "i", "float": "f"}
 
 
 def _driver():
@@ -73,11 +72,80 @@ def cached_cubin(source: Path, arch: str, options=COMPILE_OPTIONS, progress: boo
     return out
 
 
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("smem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("n_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6          # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8              # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_lib = None
+
+
+def _libcuda():
+    global _lib
+    if _lib is None:
+        _lib = ctypes.CDLL("libcuda.so.1")
+    return _lib
+
+
+def _check(err: int, what: str) -> None:
+    if err:
+        name = ctypes.c_char_p()
+        _libcuda().cuGetErrorName(err, ctypes.byref(name))
+        raise KernelError(f"{what} failed: {name.value.decode() if name.value else err}")
+
+
+class _Module:
+    """A cubin loaded through the driver API, whose CUfunction handles cuLaunchKernelEx needs
+    (PyCUDA exposes no function handles)."""
+
+    def __init__(self, cubin: Path):
+        self.h = ctypes.c_void_p()
+        data = cubin.read_bytes()
+        _check(_libcuda().cuModuleLoadData(ctypes.byref(self.h), ctypes.c_char_p(data)), f"loading {cubin}")
+        self.functions: dict[str, ctypes.c_void_p] = {}
+
+    def function(self, name: str, smem: int) -> ctypes.c_void_p:
+        if name not in self.functions:
+            f = ctypes.c_void_p()
+            _check(_libcuda().cuModuleGetFunction(ctypes.byref(f), self.h, name.encode()), f"finding kernel {name}")
+            self.functions[name] = f
+        if smem > 48 * 1024:
+            _check(_libcuda().cuFuncSetAttribute(self.functions[name], _MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
+                   f"{name}: {smem} bytes of shared memory")
+        return self.functions[name]
+
+
+class _Launch:
+    """One bound launch with its argument block built once; `run` enqueues it on a stream. With
+    `pdl`, the launch may begin while the previous kernel finishes (programmatic dependent launch):
+    the generated kernels prefetch their weights, then wait for their inputs (griddepcontrol.wait)."""
+
+    def __init__(self, fn, launch: BoundLaunch, args: list, stream, pdl: bool):
+        self.fn, self.launch = fn, launch
+        self._vals = [ctypes.c_uint64(int(a)) if isinstance(a, np.uintp) else
+                      (ctypes.c_float(float(a)) if isinstance(a, np.float32) else ctypes.c_int32(int(a))) for a in args]
+        self._params = (ctypes.c_void_p * len(self._vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
+                                                             for v in self._vals])
+        self._attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION, b"", (1).to_bytes(4, "little") + bytes(60))
+        self.cfg = _LaunchConfig((ctypes.c_uint * 3)(*launch.grid), (ctypes.c_uint * 3)(*launch.block), launch.smem,
+                                 ctypes.c_void_p(stream.handle), ctypes.pointer(self._attr) if pdl else None, int(pdl))
+
+    def run(self) -> None:
+        _check(_libcuda().cuLaunchKernelEx(ctypes.byref(self.cfg), self.fn, self._params, None),
+               f"launching {self.launch.kernel} (op {self.launch.op})")
+
+
 class _Graph:
     """A captured stream replayed as one CUDA graph, through libcuda."""
 
     def __init__(self, stream, record):
-        self.lib = ctypes.CDLL("libcuda.so.1")
+        self.lib = _libcuda()
         self.h = ctypes.c_void_p(stream.handle)
         self._check(self.lib.cuStreamBeginCapture_v2(self.h, 0), "cuStreamBeginCapture")
         try:
@@ -90,11 +158,7 @@ class _Graph:
         self._check(self.lib.cuGraphInstantiateWithFlags(ctypes.byref(self.exec), graph, ctypes.c_ulonglong(0)),
                     "cuGraphInstantiate")
 
-    def _check(self, err: int, what: str) -> None:
-        if err:
-            name = ctypes.c_char_p()
-            self.lib.cuGetErrorName(err, ctypes.byref(name))
-            raise KernelError(f"{what} failed: {name.value.decode() if name.value else err}")
+    _check = staticmethod(_check)
 
     def launch(self) -> None:
         self._check(self.lib.cuGraphLaunch(self.exec, self.h), "cuGraphLaunch")
@@ -123,8 +187,10 @@ class CudaBackend:
             raise BackendUnavailable(f"target {target.name} needs {need / 2**30:.2f} GiB of device memory for this "
                                      f"model; the GPU has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB")
 
-        self.module = drv.module_from_file(str(cached_cubin(target.path / "kernels.cu", self.arch, progress=progress)))
+        self.module = _Module(cached_cubin(target.path / "kernels.cu", self.arch, progress=progress))
         self.stream = drv.Stream()
+        # kernels generated with griddepcontrol (the device spec's programmatic_dependent_launch) on sm_90+
+        self.pdl = bool(self.manifest.get("programmatic_dependent_launch")) and major >= 9
         t0 = time.perf_counter()
         self.alloc: dict[str, object] = {}
         by_id: dict[int, object] = {}
@@ -141,12 +207,8 @@ class CudaBackend:
         if progress:
             print(f"uploaded {need / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
-        self.functions = {}
-        for l in self.launches:
-            if l.kernel not in self.functions:
-                fmt = "".join("P" if a.buffer else _FMT[a.kind] for a in l.args)
-                self.functions[l.kernel] = self.module.get_function(l.kernel).prepare(fmt)
-        self.calls = [(self.functions[l.kernel], l.grid, l.block, l.smem, self._args(l)) for l in self.launches]
+        self.calls = [_Launch(self.module.function(l.kernel, l.smem), l, self._args(l), self.stream, self.pdl)
+                      for l in self.launches]
         self.token = drv.pagelocked_zeros(1, np.int32)
         self.pos = drv.pagelocked_zeros(1, np.int32)
         self.logits = drv.pagelocked_empty(table["logits"].nbytes, np.uint8)
@@ -166,16 +228,16 @@ class CudaBackend:
         return tuple(out)
 
     def _enqueue(self) -> None:
-        for fn, grid, block, smem, args in self.calls:
-            fn.prepared_async_call(grid[:2], block, self.stream, *args, shared_size=smem)
+        for call in self.calls:
+            call.run()
 
     def _find_failing_kernel(self, err: Exception) -> KernelError:
         """Re-run the step launch by launch, synchronizing after each, to name the culprit."""
-        for (fn, grid, block, smem, args), l in zip(self.calls, self.launches):
+        for call, l in zip(self.calls, self.launches):
             try:
-                fn.prepared_async_call(grid[:2], block, self.stream, *args, shared_size=smem)
+                call.run()
                 self.stream.synchronize()
-            except self.drv.Error as e:
+            except (self.drv.Error, KernelError) as e:
                 layer = "" if l.layer is None else f", layer {l.layer}"
                 return KernelError(f"CUDA error in kernel {l.kernel} (op {l.op}{layer}): {e}")
         return KernelError(f"CUDA error during the decode step: {err}")

@@ -52,7 +52,7 @@ def check_target_ops(cuda_be, ref_be, seed: int = 0, pos: int = 37) -> list[OpRe
         if launch.kernel in seen:
             continue
         seen.add(launch.kernel)
-        fn, grid, block, smem, dev_args = cuda_be.calls[idx]
+        call = cuda_be.calls[idx]
         _, ref_args, dtypes = ref_be.program[idx]
         outs = []
         for a in launch.args:
@@ -72,7 +72,7 @@ def check_target_ops(cuda_be, ref_be, seed: int = 0, pos: int = 37) -> list[OpRe
                 drv.memcpy_htod(ptr, _bytes(vals if info.dtype in (INDEX, "f32") else to_storage(vals, info.dtype)))
                 if a.kind in ("inout", "index_inout"):
                     outs.append((a, info, ptr, ref_view))
-        fn.prepared_async_call(grid[:2], block, cuda_be.stream, *dev_args, shared_size=smem)
+        call.run()
         cuda_be.stream.synchronize()
         OPS[launch.template](ref_args, dtypes)
         worst, detail, ok = 0.0, "", True
