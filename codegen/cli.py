@@ -174,11 +174,17 @@ def cmd_bench(args) -> int:
     from runtime.session import resolve_backend, resolve_device
     from runtime.target import find_target, load_target
     specs = _specs(args)
-    resolve_backend("cuda")
-    device = resolve_device(specs, args.device, "cuda")
+    backend = resolve_backend(args.backend)
+    device = resolve_device(specs, args.device, backend)
     policy = args.policy or specs.devices[device].default_policy
     target = load_target(find_target(device, policy, args.layout))
     packed = pack_weights(target, args.model, max_seq=args.tokens + 16)
+    if backend == "cpu":
+        from runtime.bench import reference_ms_per_token
+        ms = reference_ms_per_token(target, packed, tokens=args.tokens)
+        print(f"target {target.name} on the numpy reference backend (CPU), {args.tokens} tokens: "
+              f"{ms:.1f} ms/token, {1e3 / ms:.2f} tokens/s")
+        return 0
     r = run_bench(target, packed, tokens=args.tokens)
     print_result(r)
     if args.compare == "hf":
@@ -236,6 +242,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True), p.add_argument("--device", default="auto")
     p.add_argument("--policy"), p.add_argument("--layout", default="separate")
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cuda",
+                   help="cpu: time the numpy reference backend instead")
     p.add_argument("--compare", choices=("hf",), help="also time Hugging Face transformers on the same weights")
     return ap
 

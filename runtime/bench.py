@@ -119,6 +119,17 @@ def run_bench(target, packed, tokens: int = 128, progress: bool = True) -> Bench
         be.close()
 
 
+def reference_ms_per_token(target, packed, tokens: int = 16) -> float:
+    """ms per decode step of the numpy reference backend (what `generate` costs without a GPU)."""
+    from .reference import ReferenceBackend
+    be = ReferenceBackend(target.manifest, packed)
+    be.step(1, 0)                                          # first step rounds the weights once
+    t0 = time.perf_counter()
+    for pos in range(1, tokens + 1):
+        be.step(1, pos)
+    return (time.perf_counter() - t0) * 1e3 / tokens
+
+
 def print_result(r: BenchResult, out=sys.stdout, top: int = 12) -> None:
     p = lambda *a: print(*a, file=out)
     p(f"target {r.target} on {r.gpu}, {r.tokens} tokens")
