@@ -34,7 +34,6 @@ class KernelFamily:
     grid: str
     block: str
     smem_elems: str = "0"       # dynamic shared memory, in f32 elements (the staged input vector)
-    k_split: int = 1            # warps that share one output row (row-parallel kernels)
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
@@ -110,7 +109,7 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  f"cdiv((n_heads + 2 * n_kv_heads) * (head_dim // 2), {WARPS})", f"{32 * WARPS}", "cols"),
     KernelFamily("gemv_residual",         # x += W a  (GEMV, then the residual add in the epilogue)
                  _GEMV + (Param("a", "in", "i"), Param("x", "inout", "x"), Param("rows", "int"), Param("cols", "int")),
-                 {"": _MAIN + ("output",), "act": ("compute",)}, f"cdiv(rows, {WARPS // 2})", f"{32 * WARPS}", "cols", 2),
+                 {"": _MAIN + ("output",), "act": ("compute",)}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols"),
     KernelFamily("norm_gemv_swiglu",      # rmsnorm -> gate/up GEMV (fused rows) -> SiLU(gate) * up
                  _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")),
                  {**_NORM, "": _MAIN + ("output",), "act": ("compute",)}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols"),
