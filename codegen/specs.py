@@ -366,6 +366,9 @@ def _check_complete(pol: Policy, src: Source, model: ModelSpec) -> None:
                             f"{model.name} (directly or via extends); missing {r}")
         storage = have.get("storage")
         quantized = storage is not None and DTYPES[storage].quantized
+        if quantized and "quant" not in fields:
+            raise pol.error(r, "storage", storage, f"{storage} needs a quantization scale, which role {r} cannot have "
+                            f"(its fields: {', '.join(fields)}); allowed: {', '.join(d for d in STORAGE_DTYPES if not DTYPES[d].quantized)}")
         for f in fields:
             needed = f not in ("quant", "scale") or quantized
             if needed and f not in have:

@@ -99,7 +99,7 @@ def encode_prompt(tok: HFTokenizer, prompt: str, chat: bool) -> list[int]:
     return tok.encode(prompt)
 
 
-def open_session(specs: Specs, model_dir, device: str = "auto", policy: str | None = None, layout: str = "separate",
+def open_session(specs: Specs, model_dir, device: str = "auto", policy: str | None = None, layout: str = "fused",
                  backend: str = "auto", *, prompt: str, chat: bool = False, max_new_tokens: int = 64,
                  progress: bool = True) -> Session:
     model_dir = Path(model_dir)

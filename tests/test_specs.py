@@ -280,3 +280,11 @@ def test_stage_role_must_have_the_fields_the_kernel_uses(specs_dir, capsys):
     i = op_index(specs_dir, "o_proj_residual")
     line = edit(f, "kernel: gemv_residual, role: o_proj, act_role: activations,", "kernel: gemv_residual, role: o_proj, act_role: embedding,")
     assert_spec_error(*run_cli(specs_dir, capsys), f, line, f"decode_step.{i}.act_role", "'embedding'", "fields ['compute']")
+
+
+def test_quantized_storage_on_a_role_without_scales(specs_dir, capsys):
+    """An int8 KV cache would be a plain cast with no scale: a silently wrong kernel."""
+    f = specs_dir / "policies/f16-resident.yaml"
+    line = edit(f, "  q_proj:    {storage: f16, compute: f16}", "  q_proj:    {storage: f16, compute: f16}\n  kv_cache:  {storage: int8}")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line + 1, "roles.kv_cache.storage", "'int8'",
+                      "needs a quantization scale, which role kv_cache cannot have")
