@@ -18,7 +18,7 @@ from codegen.dtypes import from_storage, round_to, to_storage
 from .binding import INDEX
 from .reference import OPS
 
-# |gpu - ref| <= ATOL[dtype] * max(1, |ref|)-scaled bound; covers summation order and f32 math
+# |gpu - ref| / (1 + |ref|) <= RTOL[dtype]: covers summation order and f32 math
 # library differences, plus one rounding step of the output dtype.
 RTOL = {"f32": 2e-4, "f16": 2 ** -9, "bf16": 2 ** -6}
 

@@ -12,7 +12,7 @@ from runtime.binding import BindError, bind, buffer_table
 from runtime.loader import pack_weights
 from runtime.reference import ReferenceBackend
 from runtime.synth import write_synthetic_model
-from runtime.target import Target, find_target, load_target
+from runtime.target import find_target, load_target
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from codegen.build import GENERATED, render_targets
+from codegen.build import GENERATED
 from codegen.cli import main
 from codegen.dtypes import DTYPES
 from codegen.plan import all_targets, resolve

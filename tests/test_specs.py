@@ -12,7 +12,6 @@ import pytest
 from codegen.cli import main
 from codegen.plan import resolve
 from codegen.specs import DEFAULT_SPECS, load_specs
-from codegen.yamlsrc import SpecError
 
 
 @pytest.fixture
@@ -177,7 +176,7 @@ def test_duplicate_key(specs_dir, capsys):
 
 def test_yaml_syntax_error(specs_dir, capsys):
     f = specs_dir / "devices/b200.yaml"
-    line = edit(f, "arch: sm_100", "arch: [sm_100")
+    edit(f, "arch: sm_100", "arch: [sm_100")
     code, err = run_cli(specs_dir, capsys)
     assert code == 2 and f"{f}:" in err and "valid YAML" in err, err
 
