@@ -27,11 +27,6 @@ class DType:
     requires_as_storage: str | None   # to load and convert it at all
     requires_as_compute: str | None   # to do arithmetic in it (compute / accumulate)
 
-    @property
-    def vec16(self) -> int:
-        """Elements in one 16-byte vector load."""
-        return 16 // self.itemsize
-
 
 DTYPES: dict[str, DType] = {
     d.name: d
@@ -51,7 +46,6 @@ SCALE_DTYPES = ("f32", "f16")
 QUANT_SCHEMES = ("per_output_channel",)        # symmetric, one scale per weight row
 
 # Not a policy dtype: token ids and positions live in int32 device buffers.
-INDEX_CTYPE = "int"
 INDEX_NP = np.dtype(np.int32)
 
 

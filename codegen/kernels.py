@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Parameter kinds. Pointer kinds bind buffers; scalar kinds bind expressions.
+# Parameter kinds. Pointer kinds bind buffers; the scalar kinds "int" and "float" bind expressions.
 PTR_KINDS = ("in", "out", "inout")
 INDEX_KINDS = ("index_in", "index_out", "index_inout")
-SCALAR_KINDS = ("int", "float")
 
 
 @dataclass(frozen=True)

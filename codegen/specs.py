@@ -119,16 +119,11 @@ class ModelSpec:
     src: Source
     config: dict[str, ConfigSym]
     roles: dict[str, tuple[str, ...]]
-    role_docs: dict[str, str]
     tensors: dict[str, Tensor]
     layouts: dict[str, str]
     weights: dict[str, WeightDef]
     buffers: dict[str, BufferDef]
     decode_step: list[OpDef]
-
-    @property
-    def int_symbols(self) -> list[str]:
-        return [s for s, c in self.config.items() if c.type == "int"]
 
 
 def load_model(path: Path) -> ModelSpec:
@@ -155,7 +150,7 @@ def load_model(path: Path) -> ModelSpec:
                 raise src.error(("config", s, "default"), c.default, "only int symbols may default to an expression")
             c.default = _expr(src, ("config", s, "default"), c.default, [x for x in ints if x != s])
 
-    roles, docs = {}, {}
+    roles = {}
     for r, rd in d["roles"].items():
         p = ("roles", r)
         _ident(src, p, r)
@@ -165,7 +160,7 @@ def load_model(path: Path) -> ModelSpec:
                 raise src.error(p + ("fields", i), f, _allowed(POLICY_FIELDS))
         if "storage" not in rd["fields"]:
             raise src.error(p + ("fields",), rd["fields"], "every role has a 'storage' field")
-        roles[r], docs[r] = tuple(rd["fields"]), rd.get("doc", "")
+        roles[r] = tuple(rd["fields"])
 
     layouts = {}
     for lname, ld in d["layouts"].items():
@@ -282,7 +277,7 @@ def load_model(path: Path) -> ModelSpec:
                 args[prm.name] = _expr(src, ap, v, syms)
         decode_step.append(OpDef(od["op"], od["kernel"], op_roles, od.get("per_layer", False),
                                  layout_ref(p + ("layout",), od.get("layout")), args))
-    return ModelSpec(d["name"], src, config, roles, docs, tensors, layouts, weights, buffers, decode_step)
+    return ModelSpec(d["name"], src, config, roles, tensors, layouts, weights, buffers, decode_step)
 
 
 # ----------------------------------------------------------------------------- policies
@@ -439,13 +434,6 @@ def check_runs_on(pol: Policy, dev: Device) -> None:
                 raise pol.error(r, f, v, f"device {dev.name} ({dev.arch}, {dev.src.path}:{cap_line}) cannot run it: "
                                 f"{v} as {f} needs {need}, which {dev.name} lacks")
 
-
-def runs_on(pol: Policy, dev: Device) -> bool:
-    try:
-        check_runs_on(pol, dev)
-        return True
-    except SpecError:
-        return False
 
 
 # ----------------------------------------------------------------------------- the folder
