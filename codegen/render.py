@@ -53,7 +53,7 @@ def render_kernels(plan: Plan, digest: str) -> str:
     return _env.get_template("kernels.cu.j2").render(
         target=plan.target, model=plan.model.name, device=plan.device.name, arch=plan.device.arch,
         policy=plan.policy.name, layout=plan.layout, inputs_hash=digest,
-        pdl=bool(plan.device.capabilities.get("programmatic_dependent_launch")),
+        pdl=bool(plan.device.capabilities.get("programmatic_dependent_launch")), tuning=plan.device.tuning,
         kernels=sorted(plan.kernels.values(), key=lambda k: k.name),
         dtypes_used=sorted(used), arith_used=sorted(arith & set(ARITH_DTYPES)))
 
@@ -79,7 +79,7 @@ def manifest(plan: Plan, digest: str) -> dict:
         ],
         "decode_step": [
             {"op": l.op, "kernel": l.kernel, "per_layer": l.per_layer, "grid": l.grid, "block": l.block, "smem": l.smem,
-             "args": l.args}
+             "grid_stride": l.grid_stride, "args": l.args}
             for l in plan.launches
         ],
     }

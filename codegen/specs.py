@@ -27,6 +27,9 @@ FIELD_ALLOWED = {"storage": STORAGE_DTYPES, "compute": ARITH_DTYPES, "accumulate
                  "output": ARITH_DTYPES, "quant": QUANT_SCHEMES, "scale": SCALE_DTYPES}
 CAPABILITIES = {"native_f16_arith": bool, "native_bf16_arith": bool, "fp8_convert": bool,
                 "tensor_cores": bool, "programmatic_dependent_launch": bool, "smem_per_block": int}
+# Launch-tuning knobs a device spec may set under `tuning:`; they shape the generated code (how many
+# loads each lane keeps in flight, ...), never its numerics. name -> (default, allowed values).
+TUNING = {"gemv_loads": (8, (2, 4, 8, 16))}
 CONFIG_TYPES = {"int": int, "float": float, "bool": bool}
 
 
@@ -386,13 +389,15 @@ class Device:
     memory_gb: float | None
     bandwidth_gbs: float | None
     gpu_names: list[str]          # substrings of the CUDA device name that select this spec
+    tuning: dict[str, int]        # every TUNING knob, the spec's value or the default
     src: Source
 
 
 def load_device(path: Path) -> Device:
     src = load(path)
     d = _mapping(src, (), src.data, {"name": str, "kind": str, "default_policy": str, "capabilities": dict},
-                 {"arch": str, "memory_gb": (int, float), "bandwidth_gbs": (int, float), "gpu_names": list})
+                 {"arch": str, "memory_gb": (int, float), "bandwidth_gbs": (int, float), "gpu_names": list,
+                  "tuning": dict})
     _ident(src, ("name",), d["name"], NAME, "a lowercase name")
     if d["name"] != path.stem:
         raise src.error(("name",), d["name"], f"must equal the file name '{path.stem}'")
@@ -408,8 +413,13 @@ def load_device(path: Path) -> Device:
     for i, g in enumerate(d.get("gpu_names", [])):
         if not isinstance(g, str) or not g.strip():
             raise src.error(("gpu_names", i), g, "a non-empty part of the CUDA device name, e.g. 'H100'")
+    tuning = _mapping(src, ("tuning",), d.get("tuning", {}), {}, {k: int for k in TUNING})
+    for k, v in tuning.items():
+        if v not in TUNING[k][1]:
+            raise src.error(("tuning", k), v, _allowed(TUNING[k][1]))
     return Device(d["name"], d["kind"], d.get("arch"), d["default_policy"], d["capabilities"],
-                  d.get("memory_gb"), d.get("bandwidth_gbs"), d.get("gpu_names", []), src)
+                  d.get("memory_gb"), d.get("bandwidth_gbs"), d.get("gpu_names", []),
+                  {k: tuning.get(k, default) for k, (default, _) in TUNING.items()}, src)
 
 
 # Which device capability each policy field needs for a dtype (from the dtype table).

@@ -26,6 +26,7 @@ class BenchResult:
     weight_bytes: int            # read per token
     copy_gbs: float              # device-to-device copy, read + write bytes per second
     profile: list[tuple[str, int, float]]   # (kernel template/op, launches, ms per token)
+    in_graph: list[tuple[str, int, float]]  # (kernel template/op, launches, ms per token it adds to the graph)
 
     @property
     def gbs(self) -> float:
@@ -87,6 +88,42 @@ def profile_kernels(be, reps: int = 5) -> list[tuple[str, int, float]]:
     return sorted(((k, counts[k], v[1]) for k, v in per_op.items()), key=lambda r: -r[2])
 
 
+def _replay_ms(be, graph, tokens: int) -> float:
+    """ms per replay of `graph`, `tokens` replays back to back from position 0."""
+    drv = be.drv
+    be.pos[0] = 0
+    drv.memcpy_htod(be.ptr["pos"], be.pos)
+    graph.launch()                                # warm
+    be.pos[0] = 0
+    drv.memcpy_htod(be.ptr["pos"], be.pos)
+    start, end = drv.Event(), drv.Event()
+    start.record(be.stream)
+    for _ in range(tokens):
+        graph.launch()
+    end.record(be.stream)
+    end.synchronize()
+    return start.time_till(end) / tokens
+
+
+def graph_profile(be, full_ms: float, tokens: int) -> list[tuple[str, int, float]]:
+    """What each op costs inside the graph, pipelined as it really runs: the step is captured again
+    without that op's launches and the difference in replay time is its share. (Outputs are wrong
+    in those replays; only their timing is used.) Unlike event timing, this sees the overlap that
+    programmatic dependent launch buys and none of the launch overhead."""
+    from .cuda import _Graph
+    groups: dict[str, list] = defaultdict(list)
+    for call, l in zip(be.calls, be.launches):
+        groups[f"{l.op} [{l.kernel}]"].append(call)
+    out = []
+    for name, calls in groups.items():
+        if name.startswith("advance_pos"):        # keeps the position moving; nothing to learn
+            continue
+        skip = set(map(id, calls))
+        g = _Graph(be.stream, lambda: [c.run() for c in be.calls if id(c) not in skip])
+        out.append((name, len(calls), full_ms - _replay_ms(be, g, tokens)))
+    return sorted(out, key=lambda r: -r[2])
+
+
 def run_bench(target, packed, tokens: int = 128, progress: bool = True) -> BenchResult:
     from .cuda import CudaBackend
     be = CudaBackend(target, packed, progress=progress)
@@ -113,8 +150,9 @@ def run_bench(target, packed, tokens: int = 128, progress: bool = True) -> Bench
         be.greedy(1, 0, tokens)
         ms_host = (time.perf_counter() - t0) * 1e3 / tokens
         prof = profile_kernels(be)
+        in_graph = graph_profile(be, _replay_ms(be, be.graph, tokens), tokens)
         wb = weight_bytes_per_token(be.launches, be.table)
-        return BenchResult(target.name, gpu, tokens, ms, ms_host, wb, copy, prof)
+        return BenchResult(target.name, gpu, tokens, ms, ms_host, wb, copy, prof, in_graph)
     finally:
         be.close()
 
@@ -142,6 +180,9 @@ def print_result(r: BenchResult, out=sys.stdout, top: int = 12) -> None:
     p(f"  per-kernel profile (eager launches with events, {total:.3f} ms/token in kernels):")
     for name, n, t in r.profile[:top]:
         p(f"    {t:8.4f} ms  {100 * t / total:5.1f}%  x{n:<4d} {name}")
+    p(f"  in-graph profile (replay time the graph loses without each op, of {r.ms_per_token:.3f} ms/token):")
+    for name, n, t in r.in_graph[:top]:
+        p(f"    {t:8.4f} ms  {100 * t / r.ms_per_token:5.1f}%  x{n:<4d} {name}")
 
 
 def compare_hf(model_dir, torch_dtype: str, tokens: int = 128) -> dict[str, float]:

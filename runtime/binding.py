@@ -63,6 +63,7 @@ class BoundLaunch:
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     smem: int                    # dynamic shared memory bytes
+    grid_stride: bool = False    # the kernel is correct with any grid up to `grid`
 
 
 def dtype_name(arr: np.ndarray) -> str:
@@ -144,5 +145,5 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundL
         ev = {**env, **scalars}
         out.append(BoundLaunch(launch["op"], i, kern["name"], kern["template"], dtypes, tuple(args),
                                _dim3(evaluate(launch["grid"], ev)), _dim3(evaluate(launch["block"], ev)),
-                               int(evaluate(launch["smem"], ev))))
+                               int(evaluate(launch["smem"], ev)), bool(launch.get("grid_stride", False))))
     return out

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import atexit
 import hashlib
 import os
@@ -126,14 +127,14 @@ class _Launch:
     `pdl`, the launch may begin while the previous kernel finishes (programmatic dependent launch):
     the generated kernels prefetch their weights, then wait for their inputs (griddepcontrol.wait)."""
 
-    def __init__(self, fn, launch: BoundLaunch, args: list, stream, pdl: bool):
-        self.fn, self.launch = fn, launch
+    def __init__(self, fn, launch: BoundLaunch, args: list, stream, pdl: bool, grid: tuple[int, int, int]):
+        self.fn, self.launch, self.grid = fn, launch, grid
         self._vals = [ctypes.c_uint64(int(a)) if isinstance(a, np.uintp) else
                       (ctypes.c_float(float(a)) if isinstance(a, np.float32) else ctypes.c_int32(int(a))) for a in args]
         self._params = (ctypes.c_void_p * len(self._vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
                                                              for v in self._vals])
         self._attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION, b"", (1).to_bytes(4, "little") + bytes(60))
-        self.cfg = _LaunchConfig((ctypes.c_uint * 3)(*launch.grid), (ctypes.c_uint * 3)(*launch.block), launch.smem,
+        self.cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*launch.block), launch.smem,
                                  ctypes.c_void_p(stream.handle), ctypes.pointer(self._attr) if pdl else None, int(pdl))
 
     def run(self) -> None:
@@ -207,12 +208,30 @@ class CudaBackend:
         if progress:
             print(f"uploaded {need / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
-        self.calls = [_Launch(self.module.function(l.kernel, l.smem), l, self._args(l), self.stream, self.pdl)
-                      for l in self.launches]
+        self.sms = dev.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
+        self.calls = []
+        for l in self.launches:
+            fn = self.module.function(l.kernel, l.smem)
+            self.calls.append(_Launch(fn, l, self._args(l), self.stream, self.pdl, self._grid(fn, l)))
         self.token = drv.pagelocked_zeros(1, np.int32)
         self.pos = drv.pagelocked_zeros(1, np.int32)
         self.logits = drv.pagelocked_empty(table["logits"].nbytes, np.uint8)
         self.graph = _Graph(self.stream, self._enqueue) if use_graph else None
+
+    def _grid(self, fn, l: BoundLaunch) -> tuple[int, int, int]:
+        """The launch's grid; a grid-stride kernel gets at most one full wave (SMs x resident blocks
+        per SM), so each of its warps streams several rows and its prologue runs once per block."""
+        if not l.grid_stride:
+            return l.grid
+        per_sm = ctypes.c_int()
+        _check(_libcuda().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), fn, math.prod(l.block),
+                                                                      ctypes.c_size_t(l.smem)), f"occupancy of {l.kernel}")
+        return (max(1, min(l.grid[0], self.sms * per_sm.value)),) + tuple(l.grid[1:])
+
+    def launch_with_grid(self, idx: int, grid: tuple[int, int, int]) -> _Launch:
+        """Launch `idx` of the step with another grid (grid-stride kernels only; tests)."""
+        assert self.launches[idx].grid_stride, self.launches[idx].kernel
+        return _Launch(self.calls[idx].fn, self.launches[idx], self._args(self.launches[idx]), self.stream, False, grid)
 
     @staticmethod
     def _np(dtype: str):

@@ -5,7 +5,9 @@ launched alone on fresh random inputs (never zeros), its outputs first poisoned 
 compared with the reference implementation of the same op under the same policy. The
 reference's outputs start as NaN too, so an element the reference leaves unwritten (a KV
 cache row other than ``pos``) must stay unwritten on the GPU, and every element it writes
-must be written and agree within the error bound of its dtype.
+must be written and agree within the error bound of its dtype. A grid-stride kernel is checked
+twice: with the grid the runtime launches and with a single block, whose warps then each loop
+over many rows (the path a long row count takes on a full GPU).
 """
 from __future__ import annotations
 
@@ -46,57 +48,64 @@ def _fill(rng, info, shape, pos: int, vocab: int) -> np.ndarray:
 def check_target_ops(cuda_be, ref_be, seed: int = 0, pos: int = 37) -> list[OpResult]:
     """Launch each distinct kernel of ``cuda_be`` alone and compare with ``ref_be`` (same target, same weights)."""
     rng = np.random.default_rng(seed)
-    drv, table, env = cuda_be.drv, cuda_be.table, cuda_be.env
     results, seen = [], set()
     for idx, launch in enumerate(cuda_be.launches):
         if launch.kernel in seen:
             continue
         seen.add(launch.kernel)
-        call = cuda_be.calls[idx]
-        _, ref_args, dtypes = ref_be.program[idx]
-        outs = []
-        for a in launch.args:
-            if a.buffer is None or table[a.buffer].weight:
-                continue
-            info = table[a.buffer]
-            ptr = cuda_be.ptr[a.buffer] + a.offset * info.itemsize
-            ref_view = ref_args[a.param]
-            if a.kind in ("out", "index_out"):
-                poison = np.full(a.shape, -1 if info.dtype == INDEX else np.nan, np.int32 if info.dtype == INDEX else np.float32)
-                ref_view[...] = poison
-                drv.memcpy_htod(ptr, _bytes(poison if info.dtype in (INDEX, "f32") else to_storage(poison, info.dtype)))
-                outs.append((a, info, ptr, ref_view))
-            else:
-                vals = _fill(rng, info, a.shape, min(pos, env["max_seq"] - 1), env["vocab"])
-                ref_view[...] = vals
-                drv.memcpy_htod(ptr, _bytes(vals if info.dtype in (INDEX, "f32") else to_storage(vals, info.dtype)))
-                if a.kind in ("inout", "index_inout"):
-                    outs.append((a, info, ptr, ref_view))
-        call.run()
-        cuda_be.stream.synchronize()
-        OPS[launch.template](ref_args, dtypes)
-        worst, detail, ok = 0.0, "", True
-        bound = 0.0
-        for a, info, ptr, ref_view in outs:
-            host = np.empty(a.shape, cuda_be._np(info.dtype))
-            drv.memcpy_dtoh(_bytes(host), ptr)
-            got = host if info.dtype == INDEX else from_storage(host, info.dtype)
-            want = np.asarray(ref_view)
-            if info.dtype == INDEX:
-                if not np.array_equal(got, want):
-                    ok, detail = False, f"{a.param}: got {got.ravel()[:4]}, want {want.ravel()[:4]}"
-                continue
-            tol = RTOL[info.dtype]
-            bound = max(bound, tol)
-            unwritten_ref, unwritten_gpu = np.isnan(want), np.isnan(got)
-            if not np.array_equal(unwritten_ref, unwritten_gpu):
-                n = int((unwritten_ref != unwritten_gpu).sum())
-                ok, detail = False, f"{a.param}: {n} elements written by only one of gpu/reference"
-                continue
-            m = ~unwritten_ref
-            err = float(np.max(np.abs(got[m] - want[m]) / (1.0 + np.abs(want[m])), initial=0.0))
-            worst = max(worst, err)
-            if err > tol:
-                ok, detail = False, f"{a.param}: max scaled error {err:.3g} > {tol:.3g}"
-        results.append(OpResult(launch.kernel, launch.op, worst, bound, ok, detail))
+        variants = [("", cuda_be.calls[idx])]
+        if launch.grid_stride:
+            variants.append((" [1 block]", cuda_be.launch_with_grid(idx, (1, 1, 1))))
+        for suffix, call in variants:
+            results.append(_check_one(cuda_be, ref_be, idx, launch, call, rng, pos, suffix))
     return results
+
+
+def _check_one(cuda_be, ref_be, idx, launch, call, rng, pos: int, suffix: str) -> OpResult:
+    drv, table, env = cuda_be.drv, cuda_be.table, cuda_be.env
+    _, ref_args, dtypes = ref_be.program[idx]
+    outs = []
+    for a in launch.args:
+        if a.buffer is None or table[a.buffer].weight:
+            continue
+        info = table[a.buffer]
+        ptr = cuda_be.ptr[a.buffer] + a.offset * info.itemsize
+        ref_view = ref_args[a.param]
+        if a.kind in ("out", "index_out"):
+            poison = np.full(a.shape, -1 if info.dtype == INDEX else np.nan, np.int32 if info.dtype == INDEX else np.float32)
+            ref_view[...] = poison
+            drv.memcpy_htod(ptr, _bytes(poison if info.dtype in (INDEX, "f32") else to_storage(poison, info.dtype)))
+            outs.append((a, info, ptr, ref_view))
+        else:
+            vals = _fill(rng, info, a.shape, min(pos, env["max_seq"] - 1), env["vocab"])
+            ref_view[...] = vals
+            drv.memcpy_htod(ptr, _bytes(vals if info.dtype in (INDEX, "f32") else to_storage(vals, info.dtype)))
+            if a.kind in ("inout", "index_inout"):
+                outs.append((a, info, ptr, ref_view))
+    call.run()
+    cuda_be.stream.synchronize()
+    OPS[launch.template](ref_args, dtypes)
+    worst, detail, ok = 0.0, "", True
+    bound = 0.0
+    for a, info, ptr, ref_view in outs:
+        host = np.empty(a.shape, cuda_be._np(info.dtype))
+        drv.memcpy_dtoh(_bytes(host), ptr)
+        got = host if info.dtype == INDEX else from_storage(host, info.dtype)
+        want = np.asarray(ref_view)
+        if info.dtype == INDEX:
+            if not np.array_equal(got, want):
+                ok, detail = False, f"{a.param}: got {got.ravel()[:4]}, want {want.ravel()[:4]}"
+            continue
+        tol = RTOL[info.dtype]
+        bound = max(bound, tol)
+        unwritten_ref, unwritten_gpu = np.isnan(want), np.isnan(got)
+        if not np.array_equal(unwritten_ref, unwritten_gpu):
+            n = int((unwritten_ref != unwritten_gpu).sum())
+            ok, detail = False, f"{a.param}: {n} elements written by only one of gpu/reference"
+            continue
+        m = ~unwritten_ref
+        err = float(np.max(np.abs(got[m] - want[m]) / (1.0 + np.abs(want[m])), initial=0.0))
+        worst = max(worst, err)
+        if err > tol:
+            ok, detail = False, f"{a.param}: max scaled error {err:.3g} > {tol:.3g}"
+    return OpResult(launch.kernel + suffix, launch.op, worst, bound, ok, detail)
