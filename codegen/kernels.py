@@ -32,7 +32,7 @@ class KernelFamily:
     slots: dict[str, tuple[str, ...]]
     grid: str
     block: str
-    smem_elems: str = "0"       # dynamic shared memory, in f32 elements (the staged input vector)
+    smem_elems: str = "0"       # dynamic shared memory, in f32 elements (staged input vector, norm weight)
     # The kernel loops grid-stride over its rows, so any grid is correct: the runtime may launch fewer
     # blocks than `grid` (one full wave of the GPU) and each warp then streams several rows.
     grid_stride: bool = False
@@ -108,14 +108,14 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                                      Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("eps", "float"),
                                      Param("theta", "float")),
                  {**_NORM, "": _MAIN + ("output",), "rope": ("compute",)},
-                 f"cdiv((n_heads + 2 * n_kv_heads) * (head_dim // 2), {WARPS})", f"{32 * WARPS}", "cols", grid_stride=True),
+                 f"cdiv((n_heads + 2 * n_kv_heads) * (head_dim // 2), {WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
     KernelFamily("gemv_residual",         # x += W a  (GEMV, then the residual add in the epilogue)
                  _GEMV + (Param("a", "in", "i"), Param("x", "inout", "x"), Param("rows", "int"), Param("cols", "int")),
                  {"": _MAIN + ("output",), "act": ("compute",)}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols", grid_stride=True),
     KernelFamily("norm_gemv_swiglu",      # rmsnorm -> gate/up GEMV (fused rows) -> SiLU(gate) * up
                  _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")),
-                 {**_NORM, "": _MAIN + ("output",), "act": ("compute",)}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols", grid_stride=True),
+                 {**_NORM, "": _MAIN + ("output",), "act": ("compute",)}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
     KernelFamily("norm_gemv",             # rmsnorm -> GEMV
                  _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")),
-                 {**_NORM, "": _MAIN}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols", grid_stride=True),
+                 {**_NORM, "": _MAIN}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
 )}

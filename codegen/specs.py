@@ -27,8 +27,9 @@ FIELD_ALLOWED = {"storage": STORAGE_DTYPES, "compute": ARITH_DTYPES, "accumulate
                  "output": ARITH_DTYPES, "quant": QUANT_SCHEMES, "scale": SCALE_DTYPES}
 CAPABILITIES = {"native_f16_arith": bool, "native_bf16_arith": bool, "fp8_convert": bool,
                 "tensor_cores": bool, "programmatic_dependent_launch": bool, "smem_per_block": int}
-# Launch-tuning knobs a device spec may set under `tuning:`; they shape the generated code (how many
-# loads each lane keeps in flight, ...), never its numerics. name -> (default, allowed values).
+# Launch-tuning knobs a device spec may set under `tuning:`; they shape the generated code and its
+# launches, never the numerics. name -> (default, allowed values).
+#   gemv_loads: 16-byte weight loads per lane per batch in the GEMV kernels (two batches in flight)
 TUNING = {"gemv_loads": (8, (2, 4, 8, 16))}
 CONFIG_TYPES = {"int": int, "float": float, "bool": bool}
 

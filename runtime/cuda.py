@@ -220,7 +220,8 @@ class CudaBackend:
 
     def _grid(self, fn, l: BoundLaunch) -> tuple[int, int, int]:
         """The launch's grid; a grid-stride kernel gets at most one full wave (SMs x resident blocks
-        per SM), so each of its warps streams several rows and its prologue runs once per block."""
+        per SM), so each of its warps streams several rows and its prologue runs once per block.
+        (Fewer blocks per SM, to leave room for the next kernel's early start, measured slower.)"""
         if not l.grid_stride:
             return l.grid
         per_sm = ctypes.c_int()

@@ -251,6 +251,20 @@ def test_device_capability_must_be_known(specs_dir, capsys):
     assert_spec_error(*run_cli(specs_dir, capsys), f, line + 1, "capabilities.warp_specialization", "unknown key")
 
 
+@pytest.mark.parametrize("text, key, message", [
+    ("  gemv_loads: 8\n", "tuning.gemv_loads", "allowed: 2, 4, 8, 16"),
+    ("  gemv_loads: 8\n", "tuning.gemv_loads", "expected int"),
+    ("  gemv_loads: 8\n", "tuning.unroll", "unknown key"),
+])
+def test_device_tuning_is_validated(specs_dir, capsys, text, key, message):
+    """Tuning values reach generated C (#define DTF_GEMV_LOADS): only listed values pass."""
+    f = specs_dir / "devices/h100.yaml"
+    new = {"allowed: 2, 4, 8, 16": "  gemv_loads: 12\n", "expected int": "  gemv_loads: \"8); evil(\"\n",
+           "unknown key": "  gemv_loads: 8\n  unroll: 4\n"}[message]
+    line = edit(f, text, new)
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line + (message == "unknown key"), key, message)
+
+
 def test_spec_error_is_a_one_line_message_not_a_traceback(specs_dir, capsys):
     f = specs_dir / "policies/f16.yaml"
     edit(f, "v_proj:      {storage: f16,", "v_proj:      {storage: 16,")
