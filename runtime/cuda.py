@@ -209,10 +209,12 @@ class CudaBackend:
             print(f"uploaded {need / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
         self.sms = dev.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
+        # The step's first launch never overlaps the previous step (no programmatic dependency), so
+        # every kernel may read what earlier steps wrote (pos, KV-cache rows < pos) before it waits.
         self.calls = []
-        for l in self.launches:
+        for i, l in enumerate(self.launches):
             fn = self.module.function(l.kernel, l.smem)
-            self.calls.append(_Launch(fn, l, self._args(l), self.stream, self.pdl, self._grid(fn, l)))
+            self.calls.append(_Launch(fn, l, self._args(l), self.stream, self.pdl and i > 0, self._grid(fn, l)))
         self.token = drv.pagelocked_zeros(1, np.int32)
         self.pos = drv.pagelocked_zeros(1, np.int32)
         self.logits = drv.pagelocked_empty(table["logits"].nbytes, np.uint8)
