@@ -114,3 +114,32 @@ def test_fused_and_separate_layouts_compute_the_same_function(tmp_path):
             be = ReferenceBackend(t.manifest, pack_weights(t, model, progress=False))
             logits.append(np.stack([be.step(tok, pos) for pos, tok in enumerate([256, 7, 99, 300, 12])]))
         assert np.array_equal(logits[0], logits[1]), policy
+
+
+def test_row_kernels_are_grid_stride_and_the_manifest_says_so():
+    """The runtime may launch fewer blocks than `grid` only for kernels that loop over their rows;
+    the flag travels from the kernel catalog through the manifest to the bound launch."""
+    row_kernels = {"gemv", "gemv_residual", "norm_gemv", "norm_gemv_swiglu", "norm_qkv_rope_kv"}
+    for layout in ("separate", "fused"):
+        m = json.loads((GENERATED / f"h200.f16.{layout}" / "manifest.json").read_text())
+        template = {k["name"]: k["template"] for k in m["kernels"]}
+        for launch in m["decode_step"]:
+            assert launch["grid_stride"] == (template[launch["kernel"]] in row_kernels), launch["op"]
+
+
+def test_device_tuning_reaches_the_kernels_and_compiles(tmp_path):
+    """tuning.gemv_loads becomes DTF_GEMV_LOADS in kernels.cu, and the kernels still build with it."""
+    import shutil
+    from codegen.compile import compile_cubin
+    from codegen.specs import DEFAULT_SPECS
+    specs_dir = tmp_path / "specs"
+    shutil.copytree(DEFAULT_SPECS, specs_dir)
+    f = specs_dir / "devices/h100.yaml"
+    f.write_text(f.read_text().replace("  gemv_loads: 8\n", "  gemv_loads: 4\n"))
+    out = tmp_path / "gen"
+    assert main(["build", "--specs", str(specs_dir), "--out", str(out), "--device", "h100", "--policy", "fp8-e4m3-weights",
+                 "--layout", "fused"]) == 0
+    cu = out / "h100.fp8-e4m3-weights.fused" / "kernels.cu"
+    assert "#define DTF_GEMV_LOADS 4\n" in cu.read_text()
+    assert "#define DTF_GEMV_LOADS 8\n" in (GENERATED / "h100.fp8-e4m3-weights.fused" / "kernels.cu").read_text()
+    assert compile_cubin(cu, "sm_90").stat().st_size > 0
