@@ -128,7 +128,7 @@ class _Launch:
     the generated kernels prefetch their weights, then wait for their inputs (griddepcontrol.wait)."""
 
     def __init__(self, fn, launch: BoundLaunch, args: list, stream, pdl: bool, grid: tuple[int, int, int]):
-        self.fn, self.launch, self.grid = fn, launch, grid
+        self.fn, self.launch = fn, launch
         self._vals = [ctypes.c_uint64(int(a)) if isinstance(a, np.uintp) else
                       (ctypes.c_float(float(a)) if isinstance(a, np.float32) else ctypes.c_int32(int(a))) for a in args]
         self._params = (ctypes.c_void_p * len(self._vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
