@@ -26,7 +26,8 @@ class BenchResult:
     weight_bytes: int            # read per token
     copy_gbs: float              # device-to-device copy, read + write bytes per second
     profile: list[tuple[str, int, float]]   # (kernel template/op, launches, ms per token)
-    in_graph: list[tuple[str, int, float]]  # (kernel template/op, launches, ms per token it adds to the graph)
+    in_graph: list[tuple[str, int, float, int]]  # (op [kernel], launches, ms per token it adds to the graph,
+                                                 #  weight bytes its launches read per token)
 
     @property
     def gbs(self) -> float:
@@ -113,14 +114,15 @@ def graph_profile(be, full_ms: float, tokens: int) -> list[tuple[str, int, float
     from .cuda import _Graph
     groups: dict[str, list] = defaultdict(list)
     for call, l in zip(be.calls, be.launches):
-        groups[f"{l.op} [{l.kernel}]"].append(call)
+        groups[f"{l.op} [{l.kernel}]"].append((call, l))
     out = []
-    for name, calls in groups.items():
+    for name, members in groups.items():
         if name.startswith("advance_pos"):        # keeps the position moving; nothing to learn
             continue
-        skip = set(map(id, calls))
+        skip = {id(c) for c, _ in members}
         g = _Graph(be.stream, lambda: [c.run() for c in be.calls if id(c) not in skip])
-        out.append((name, len(calls), full_ms - _replay_ms(be, g, tokens)))
+        nbytes = weight_bytes_per_token([l for _, l in members], be.table)
+        out.append((name, len(members), full_ms - _replay_ms(be, g, tokens), nbytes))
     return sorted(out, key=lambda r: -r[2])
 
 
@@ -180,9 +182,12 @@ def print_result(r: BenchResult, out=sys.stdout, top: int = 12) -> None:
     p(f"  per-kernel profile (eager launches with events, {total:.3f} ms/token in kernels):")
     for name, n, t in r.profile[:top]:
         p(f"    {t:8.4f} ms  {100 * t / total:5.1f}%  x{n:<4d} {name}")
-    p(f"  in-graph profile (replay time the graph loses without each op, of {r.ms_per_token:.3f} ms/token):")
-    for name, n, t in r.in_graph[:top]:
-        p(f"    {t:8.4f} ms  {100 * t / r.ms_per_token:5.1f}%  x{n:<4d} {name}")
+    p(f"  in-graph profile (replay time the graph loses without each op, of {r.ms_per_token:.3f} ms/token;")
+    p(f"  per launch, and the op's weight bytes at the copy bandwidth as a fraction of that time):")
+    for name, n, t, nbytes in r.in_graph[:top]:
+        eff = f"{100 * nbytes / r.copy_gbs / 1e6 / t:4.0f}% of copy bw" if nbytes and t > 0 else " " * 15
+        p(f"    {t:8.4f} ms  {100 * t / r.ms_per_token:5.1f}%  x{n:<4d} {1e3 * t / n:7.2f} us/launch "
+          f"{nbytes / 1e6 / n:8.2f} MB/launch {eff}  {name}")
 
 
 def compare_hf(model_dir, torch_dtype: str, tokens: int = 128) -> dict[str, float]:
