@@ -1,5 +1,6 @@
 """`codegen bench`: decode speed of a target on the GPU, against the memory roofline measured in
-the same run, with a per-kernel profile and an optional side-by-side with transformers.
+the same run, with per-op profiles (eager launches timed with events; and in the graph, by leaving
+each op out) and an optional side-by-side with transformers.
 
 Batch-1 decode reads every weight once per token, so the floor is weight bytes / bandwidth.
 The bandwidth is measured here, now (a device-to-device copy, bytes read + written), so the
