@@ -27,6 +27,10 @@ from codegen.dtypes import DTYPES, to_storage
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  intermediate_size=128, vocab_size=512, max_position_embeddings=256, rope_theta=10000.0),
+    # rows that are not whole 16-byte vectors (fp8 rows of 72 B, a 100-column down projection) and a
+    # head_dim (24) below attention's vector path: the kernels' general paths, for GPU op checks
+    "ragged": dict(hidden_size=72, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=24,
+                   intermediate_size=100, vocab_size=300, max_position_embeddings=256, rope_theta=10000.0),
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          head_dim=64, intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
                          rope_theta=100000.0),

@@ -106,14 +106,15 @@ def test_fused_and_separate_layouts_compute_the_same_function(tmp_path):
     from runtime.reference import ReferenceBackend
     from runtime.synth import write_synthetic_model
     from runtime.target import find_target, load_target
-    model = write_synthetic_model(tmp_path / "tiny", shape="tiny", seed=3)
-    for policy in ("f32", "bf16", "fp8-e4m3-weights", "int8-weights"):
-        logits = []
-        for layout in ("separate", "fused"):
-            t = load_target(find_target("reference", policy, layout))
-            be = ReferenceBackend(t.manifest, pack_weights(t, model, progress=False))
-            logits.append(np.stack([be.step(tok, pos) for pos, tok in enumerate([256, 7, 99, 300, 12])]))
-        assert np.array_equal(logits[0], logits[1]), policy
+    for shape in ("tiny", "ragged"):
+        model = write_synthetic_model(tmp_path / shape, shape=shape, seed=3)
+        for policy in ("f32", "bf16", "fp8-e4m3-weights", "int8-weights"):
+            logits = []
+            for layout in ("separate", "fused"):
+                t = load_target(find_target("reference", policy, layout))
+                be = ReferenceBackend(t.manifest, pack_weights(t, model, progress=False))
+                logits.append(np.stack([be.step(tok, pos) for pos, tok in enumerate([256, 7, 99, 290, 12])]))
+            assert np.array_equal(logits[0], logits[1]), (shape, policy)
 
 
 def test_row_kernels_are_grid_stride_and_the_manifest_says_so():
