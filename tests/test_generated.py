@@ -144,3 +144,41 @@ def test_device_tuning_reaches_the_kernels_and_compiles(tmp_path):
     assert "#define DTF_GEMV_LOADS 4\n" in cu.read_text()
     assert "#define DTF_GEMV_LOADS 8\n" in (GENERATED / "h100.fp8-e4m3-weights.fused" / "kernels.cu").read_text()
     assert compile_cubin(cu, "sm_90").stat().st_size > 0
+
+
+def test_l2_prefetch_of_the_next_weight_is_planned_bound_and_compiles(tmp_path):
+    """With tuning.l2_prefetch_next_mb set, every GEMV kernel takes (l2_next, l2_next_bytes), the
+    runtime binds them to the next GEMV's weight of the step (wrapping to the next step's first),
+    and the kernels build; with it unset (the shipped specs) no kernel has them."""
+    import shutil
+    from codegen.compile import compile_cubin
+    from codegen.specs import DEFAULT_SPECS
+    from runtime.binding import bind, buffer_table, l2_next_targets
+    from runtime.loader import pack_weights
+    from runtime.synth import write_synthetic_model
+    from runtime.target import load_target
+    specs_dir = tmp_path / "specs"
+    shutil.copytree(DEFAULT_SPECS, specs_dir)
+    f = specs_dir / "devices/h100.yaml"
+    f.write_text(f.read_text().replace("  gemv_loads: 8\n", "  gemv_loads: 8\n  l2_prefetch_next_mb: 16\n"))
+    out = tmp_path / "gen"
+    assert main(["build", "--specs", str(specs_dir), "--out", str(out), "--device", "h100", "--policy", "f16",
+                 "--layout", "fused"]) == 0
+    t = load_target(out / "h100.f16.fused")
+    with_l2 = {k["template"] for k in t.manifest["kernels"] if any(p["kind"] == "l2_next" for p in k["params"])}
+    assert with_l2 == {"gemv_residual", "norm_gemv_swiglu", "norm_gemv", "norm_qkv_rope_kv"}
+    cu = out / "h100.f16.fused" / "kernels.cu"
+    assert "#define DTF_L2_NEXT_BYTES (16 << 20)" in cu.read_text()
+    assert compile_cubin(cu, "sm_90").stat().st_size > 0
+
+    packed = pack_weights(t, write_synthetic_model(tmp_path / "tiny", shape="tiny"), progress=False)
+    launches = bind(t.manifest, packed.env, buffer_table(t.manifest, packed.env, packed.arrays))
+    nxt = {(l.op, l.layer): n for l, n in zip(launches, l2_next_targets(launches, buffer_table(t.manifest, packed.env, packed.arrays)))}
+    assert nxt[("attn_norm_qkv_rope_kv", 0)][0] == "layers.0.wo"          # attention has no weight: skipped
+    assert nxt[("down_proj_residual", 0)][0] == "layers.1.wqkv"
+    assert nxt[("final_norm_lm_head", None)][0] == "layers.0.wqkv"        # the next step's first GEMV
+    assert nxt[("attention_fused", 0)] is None
+    assert nxt[("down_proj_residual", 0)][1] == packed.arrays["layers.1.wqkv"].nbytes
+
+    shipped = json.loads((GENERATED / "h100.f16.fused" / "manifest.json").read_text())
+    assert not any(p["kind"] == "l2_next" for k in shipped["kernels"] for p in k["params"])
