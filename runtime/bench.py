@@ -138,22 +138,15 @@ def run_bench(target, packed, tokens: int = 128, progress: bool = True) -> Bench
         be.step(1, 0)
         be.greedy(1, 1, 8)                       # warm up
         be.reset()
-        be.token[0], be.pos[0] = 1, 0
+        be.token[0] = 1
         drv.memcpy_htod(be.ptr["token"], be.token)
-        drv.memcpy_htod(be.ptr["pos"], be.pos)
-        start, end = drv.Event(), drv.Event()
-        start.record(be.stream)
-        for _ in range(tokens):
-            be.graph.launch()
-        end.record(be.stream)
-        end.synchronize()
-        ms = start.time_till(end) / tokens
+        ms = _replay_ms(be, be.graph, tokens)
         be.reset()
         t0 = time.perf_counter()
         be.greedy(1, 0, tokens)
         ms_host = (time.perf_counter() - t0) * 1e3 / tokens
         prof = profile_kernels(be)
-        in_graph = graph_profile(be, _replay_ms(be, be.graph, tokens), tokens)
+        in_graph = graph_profile(be, ms, tokens)
         wb = weight_bytes_per_token(be.launches, be.table)
         return BenchResult(target.name, gpu, tokens, ms, ms_host, wb, copy, prof, in_graph)
     finally:

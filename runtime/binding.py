@@ -160,11 +160,12 @@ def l2_next_targets(launches: list[BoundLaunch], table: dict[str, BufferInfo]) -
         w = next((a.buffer for a in l.args if a.param == "w" and a.buffer is not None), None)
         return (w, table[w].nbytes) if w is not None and table[w].weight else None
 
+    streamed = [weight(l) for l in launches]
     out = []
     for k, l in enumerate(launches):
         if not any(a.kind in RUNTIME_KINDS for a in l.args):
             out.append(None)
             continue
         n = len(launches)
-        out.append(next((weight(launches[(k + j) % n]) for j in range(1, n + 1) if weight(launches[(k + j) % n])), None))
+        out.append(next((streamed[(k + j) % n] for j in range(1, n + 1) if streamed[(k + j) % n]), None))
     return out

@@ -245,10 +245,9 @@ class CudaBackend:
         l, out = self.launches[idx], []
         for a in l.args:
             if a.kind == "l2_next":
-                nxt = self.l2_next[idx]
-                out.append(np.uintp(self.ptr[nxt[0]] if nxt else 0))
+                out.append(np.uintp(self.ptr[nxt[0]] if (nxt := self.l2_next[idx]) else 0))
             elif a.kind == "l2_next_bytes":
-                out.append(np.int32(min(self.l2_next[idx][1], 2**31 - 1) if self.l2_next[idx] else 0))
+                out.append(np.int32(min(nxt[1], 2**31 - 1) if (nxt := self.l2_next[idx]) else 0))
             elif a.buffer is not None:
                 out.append(np.uintp(self.ptr[a.buffer] + a.offset * self.table[a.buffer].itemsize))
             else:

@@ -3,13 +3,9 @@
 # both synthetic shapes. The spec edit stays on the device machine's copy of the tree.
 #   usage: KNOB=gemv_loads VALUES="4 8 16" DEVICE=h200 POLICY=f16 tools/gpu_tune.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/dtypeforge-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD PATH=/usr/local/cuda/bin:$PATH DTYPEFORGE_CACHE=/tmp/dtypeforge-cache
-cg() { python3 -c 'import sys; from codegen.cli import main; sys.exit(main())' "$@"; }
+source "$(dirname "$0")/gpu_env.sh"
 KNOB=${KNOB:-gemv_loads}; DEVICE=${DEVICE:-h200}; POLICY=${POLICY:-f16}
-M=/tmp/models; mkdir -p $M
-for s in ${SHAPES:-smollm2-135m llama-3.2-1b}; do [[ -f $M/$s/config.json ]] || cg synth-model --shape $s --out $M/$s >/dev/null; done
+synth ${SHAPES:-smollm2-135m llama-3.2-1b}
 cp specs/devices/$DEVICE.yaml /tmp/device.yaml.orig
 for v in ${VALUES:-4 8 16}; do
   sed -i "s/^  $KNOB: .*/  $KNOB: $v/" specs/devices/$DEVICE.yaml
