@@ -160,7 +160,7 @@ def test_l2_prefetch_of_the_next_weight_is_planned_bound_and_compiles(tmp_path):
     specs_dir = tmp_path / "specs"
     shutil.copytree(DEFAULT_SPECS, specs_dir)
     f = specs_dir / "devices/h100.yaml"
-    f.write_text(f.read_text().replace("  l2_prefetch_next_mb: 0\n", "  l2_prefetch_next_mb: 16\n"))
+    f.write_text(f.read_text().replace("  gemv_loads: 8\n", "  gemv_loads: 8\n  l2_prefetch_next_mb: 16\n"))
     out = tmp_path / "gen"
     assert main(["build", "--specs", str(specs_dir), "--out", str(out), "--device", "h100", "--policy", "f16",
                  "--layout", "fused"]) == 0
