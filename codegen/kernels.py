@@ -13,9 +13,6 @@ from dataclasses import dataclass
 # Parameter kinds. Pointer kinds bind buffers; the scalar kinds "int" and "float" bind expressions.
 PTR_KINDS = ("in", "out", "inout")
 INDEX_KINDS = ("index_in", "index_out", "index_inout")
-# Bound by the runtime from the launch sequence, not by the model spec: the next GEMV's weight and its
-# size in bytes (L2 prefetch; present only when the device's tuning.l2_prefetch_next_mb is set).
-RUNTIME_KINDS = ("l2_next", "l2_next_bytes")
 
 
 @dataclass(frozen=True)
@@ -45,8 +42,8 @@ class KernelFamily:
 
     @property
     def spec_params(self) -> tuple[Param, ...]:
-        """Parameters a model spec must bind (scales are bound by the Plan, l2_next by the runtime)."""
-        return tuple(p for p in self.params if p.scale_of is None and p.kind not in RUNTIME_KINDS)
+        """Parameters a model spec must bind (scales are bound by the Plan)."""
+        return tuple(p for p in self.params if p.scale_of is None)
 
     @property
     def role_fields(self) -> tuple[str, ...]:
@@ -66,7 +63,6 @@ def field_short(key: str) -> str:
 
 WARPS = 8          # warps per block of the row-parallel kernels: one warp per output row (or rope pair)
 _GEMV = (Param("w", "in", "w"), Param("scale", "in", "s", scale_of="w"))
-_L2_NEXT = (Param("l2_next", "l2_next"), Param("l2_next_bytes", "l2_next_bytes"))
 _NORM_IN = (Param("x", "in", "x"), Param("gamma", "in", "g"))
 _MAIN = ("compute", "accumulate")
 _NORM = {"norm": ("compute", "accumulate", "output")}
@@ -79,7 +75,7 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  _NORM_IN + (Param("y", "out", "y"), Param("n", "int"), Param("eps", "float")),
                  {"": _MAIN}, "1", "256"),
     KernelFamily("gemv",
-                 _GEMV + (Param("x", "in", "x"), Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int")) + _L2_NEXT,
+                 _GEMV + (Param("x", "in", "x"), Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int")),
                  {"": _MAIN}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols", grid_stride=True),
     KernelFamily("rope",
                  (Param("q", "inout", "q"), Param("k", "inout", "k"), Param("pos", "index_in"),
@@ -110,16 +106,16 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  _NORM_IN + _GEMV + (Param("q", "out", "q"), Param("k_cache", "out", "k"), Param("v_cache", "out", "v"),
                                      Param("pos", "index_in"), Param("cols", "int"), Param("n_heads", "int"),
                                      Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("eps", "float"),
-                                     Param("theta", "float")) + _L2_NEXT,
+                                     Param("theta", "float")),
                  {**_NORM, "": _MAIN + ("output",), "rope": ("compute",)},
                  f"cdiv((n_heads + 2 * n_kv_heads) * (head_dim // 2), {WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
     KernelFamily("gemv_residual",         # x += W a  (GEMV, then the residual add in the epilogue)
-                 _GEMV + (Param("a", "in", "i"), Param("x", "inout", "x"), Param("rows", "int"), Param("cols", "int")) + _L2_NEXT,
+                 _GEMV + (Param("a", "in", "i"), Param("x", "inout", "x"), Param("rows", "int"), Param("cols", "int")),
                  {"": _MAIN + ("output",), "act": ("compute",)}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols", grid_stride=True),
     KernelFamily("norm_gemv_swiglu",      # rmsnorm -> gate/up GEMV (fused rows) -> SiLU(gate) * up
-                 _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")) + _L2_NEXT,
+                 _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")),
                  {**_NORM, "": _MAIN + ("output",), "act": ("compute",)}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
     KernelFamily("norm_gemv",             # rmsnorm -> GEMV
-                 _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")) + _L2_NEXT,
+                 _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")),
                  {**_NORM, "": _MAIN}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
 )}

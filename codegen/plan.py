@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .dtypes import DTYPES, DType
-from .kernels import FAMILIES, INDEX_KINDS, PTR_KINDS, RUNTIME_KINDS, KernelFamily, field_short
+from .kernels import FAMILIES, INDEX_KINDS, PTR_KINDS, KernelFamily, field_short
 from .specs import Device, ModelSpec, Policy, Specs, check_runs_on
 from .yamlsrc import SpecError
 
@@ -55,14 +55,6 @@ class KernelInstance:
     name: str
     family: KernelFamily
     dtypes: dict[str, str]        # pointer param or role field ("compute", "norm.output", ...) -> dtype name
-    l2_next: bool = False         # takes the runtime-bound l2_next params (device tuning.l2_prefetch_next_mb)
-
-    def has_param(self, p) -> bool:
-        """Whether the instance's signature has family parameter ``p`` (scales only for quantized
-        weights, l2_next only when the device prefetches)."""
-        if p.scale_of is not None:
-            return p.name in self.dtypes
-        return self.l2_next or p.kind not in RUNTIME_KINDS
 
     def t(self) -> dict[str, DType]:
         return {k: DTYPES[v] for k, v in self.dtypes.items()}
@@ -168,12 +160,7 @@ def _resolve_launches(plan: Plan) -> None:
         fam = FAMILIES[op.kernel]
         dtypes: dict[str, str] = {}
         args: list[dict] = []
-        l2_next = bool(plan.device.tuning["l2_prefetch_next_mb"])
         for prm in fam.params:
-            if prm.kind in RUNTIME_KINDS:
-                if l2_next:
-                    args.append({"param": prm.name, "kind": prm.kind})
-                continue
             if prm.scale_of is not None:
                 w = plan.weights.get(op.args[prm.scale_of])
                 if w is None or w.quant is None:
@@ -206,8 +193,7 @@ def _resolve_launches(plan: Plan) -> None:
             for f in fields:
                 dtypes[f"{slot}.{f}" if slot else f] = getattr(plan.roles[op.roles[slot]], f)
         name = instance_name(fam, dtypes)
-        plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes, l2_next and any(
-            p.kind in RUNTIME_KINDS for p in fam.params)))
+        plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes))
         smem = "0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * 4"
         plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block, smem, fam.grid_stride))
 

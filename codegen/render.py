@@ -73,7 +73,7 @@ def manifest(plan: Plan, digest: str) -> dict:
         "kernels": [
             {"name": k.name, "template": k.family.template,
              "params": [{"name": p.name, "kind": p.kind, **({"dtype": k.dtypes[p.name]} if p.name in k.dtypes else {})}
-                        for p in k.family.params if k.has_param(p)],
+                        for p in k.family.params if p.scale_of is None or p.name in k.dtypes],
              "roles": {f: k.dtypes[f] for f in k.family.role_fields}}
             for k in sorted(plan.kernels.values(), key=lambda k: k.name)
         ],

@@ -30,9 +30,7 @@ CAPABILITIES = {"native_f16_arith": bool, "native_bf16_arith": bool, "fp8_conver
 # Launch-tuning knobs a device spec may set under `tuning:`; they shape the generated code and its
 # launches, never the numerics. name -> (default, allowed values).
 #   gemv_loads: 16-byte weight loads per lane per batch in the GEMV kernels (two batches in flight)
-#   l2_prefetch_next_mb: each GEMV warp, once its rows are done, prefetches into L2 its share of the
-#     next GEMV's weight, up to this many MiB (0: off), so the next kernel starts on L2 hits
-TUNING = {"gemv_loads": (8, (2, 4, 8, 16)), "l2_prefetch_next_mb": (0, (0, 4, 8, 16, 32, 64))}
+TUNING = {"gemv_loads": (8, (2, 4, 8, 16))}
 CONFIG_TYPES = {"int": int, "float": float, "bool": bool}
 
 

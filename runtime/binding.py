@@ -17,7 +17,6 @@ import numpy as np
 
 from codegen.dtypes import DTYPES, INDEX_NP
 from codegen.expr import evaluate
-from codegen.kernels import RUNTIME_KINDS
 
 INDEX = "index"
 _NP_TO_NAME = {d.np_dtype: n for n, d in DTYPES.items()}
@@ -119,9 +118,6 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundL
                             f"do not match its parameters {list(declared)}")
         args, scalars = [], {}
         for a in launch["args"]:
-            if a["kind"] in RUNTIME_KINDS:            # l2_next: the backend binds it (l2_next_targets)
-                args.append(Arg(a["param"], a["kind"]))
-                continue
             if "value" in a:
                 v = evaluate(a["value"], env)
                 v = float(v) if a["kind"] == "float" else int(v)
@@ -150,22 +146,4 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundL
         out.append(BoundLaunch(launch["op"], i, kern["name"], kern["template"], dtypes, tuple(args),
                                _dim3(evaluate(launch["grid"], ev)), _dim3(evaluate(launch["block"], ev)),
                                int(evaluate(launch["smem"], ev)), bool(launch.get("grid_stride", False))))
-    return out
-
-
-def l2_next_targets(launches: list[BoundLaunch], table: dict[str, BufferInfo]) -> list[tuple[str, int] | None]:
-    """For each launch with l2_next parameters: the weight (buffer, bytes) of the next launch in the
-    step that streams one (its `w`), wrapping to the next step's first; None for the others."""
-    def weight(l: BoundLaunch):
-        w = next((a.buffer for a in l.args if a.param == "w" and a.buffer is not None), None)
-        return (w, table[w].nbytes) if w is not None and table[w].weight else None
-
-    streamed = [weight(l) for l in launches]
-    out = []
-    for k, l in enumerate(launches):
-        if not any(a.kind in RUNTIME_KINDS for a in l.args):
-            out.append(None)
-            continue
-        n = len(launches)
-        out.append(next((streamed[(k + j) % n] for j in range(1, n + 1) if streamed[(k + j) % n]), None))
     return out

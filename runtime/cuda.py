@@ -26,7 +26,7 @@ import numpy as np
 from codegen.compile import compile_cubin, toolchains_for
 from codegen.dtypes import DTYPES, INDEX_NP, from_storage
 
-from .binding import INDEX, BoundLaunch, bind, buffer_table, l2_next_targets
+from .binding import INDEX, BoundLaunch, bind, buffer_table
 from .errors import BackendUnavailable, KernelError
 
 CACHE = Path(os.environ.get("DTYPEFORGE_CACHE", Path.home() / ".cache" / "dtypeforge")) / "cubin"
@@ -211,11 +211,10 @@ class CudaBackend:
         self.sms = dev.get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
         # The step's first launch never overlaps the previous step (no programmatic dependency), so
         # every kernel may read what earlier steps wrote (pos, KV-cache rows < pos) before it waits.
-        self.l2_next = l2_next_targets(self.launches, table)   # the next GEMV's weight, for L2 prefetch
         self.calls = []
         for i, l in enumerate(self.launches):
             fn = self.module.function(l.kernel, l.smem)
-            self.calls.append(_Launch(fn, l, self._args(i), self.stream, self.pdl and i > 0, self._grid(fn, l)))
+            self.calls.append(_Launch(fn, l, self._args(l), self.stream, self.pdl and i > 0, self._grid(fn, l)))
         self.token = drv.pagelocked_zeros(1, np.int32)
         self.pos = drv.pagelocked_zeros(1, np.int32)
         self.logits = drv.pagelocked_empty(table["logits"].nbytes, np.uint8)
@@ -235,20 +234,16 @@ class CudaBackend:
     def launch_with_grid(self, idx: int, grid: tuple[int, int, int]) -> _Launch:
         """Launch `idx` of the step with another grid (grid-stride kernels only; tests)."""
         assert self.launches[idx].grid_stride, self.launches[idx].kernel
-        return _Launch(self.calls[idx].fn, self.launches[idx], self._args(idx), self.stream, False, grid)
+        return _Launch(self.calls[idx].fn, self.launches[idx], self._args(self.launches[idx]), self.stream, False, grid)
 
     @staticmethod
     def _np(dtype: str):
         return INDEX_NP if dtype == INDEX else DTYPES[dtype].np_dtype
 
-    def _args(self, idx: int) -> tuple:
-        l, out = self.launches[idx], []
+    def _args(self, l: BoundLaunch) -> tuple:
+        out = []
         for a in l.args:
-            if a.kind == "l2_next":
-                out.append(np.uintp(self.ptr[nxt[0]] if (nxt := self.l2_next[idx]) else 0))
-            elif a.kind == "l2_next_bytes":
-                out.append(np.int32(min(nxt[1], 2**31 - 1) if (nxt := self.l2_next[idx]) else 0))
-            elif a.buffer is not None:
+            if a.buffer is not None:
                 out.append(np.uintp(self.ptr[a.buffer] + a.offset * self.table[a.buffer].itemsize))
             else:
                 out.append(np.float32(a.value) if a.kind == "float" else np.int32(a.value))
