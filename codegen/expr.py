@@ -2,7 +2,7 @@
 
 Specs write shapes like ``n_heads * head_dim``; manifests keep them symbolic so one target
 serves every model size, and the runtime evaluates them against a checkpoint's config. Only
-integer/float literals, symbol names, ``+ - * //``, ``cdiv(a, b)`` and ``max(a, b)`` are accepted, checked
+integer/float literals, symbol names, ``+ - * //`` and ``cdiv(a, b)`` are accepted, checked
 by walking the parsed AST, so a spec can never smuggle code into Python or generated C.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping
 
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
            ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b}
-_FUNCS = {"cdiv": lambda a, b: -(-a // b), "max": max}
-ALLOWED = "integer literals, config symbols, + - * //, cdiv(a, b) and max(a, b)"
+_FUNCS = {"cdiv": lambda a, b: -(-a // b)}
+ALLOWED = "integer literals, config symbols, + - * // and cdiv(a, b)"
 
 
 class ExprError(ValueError):
@@ -36,7 +36,7 @@ def _check(node: ast.AST, symbols: Iterable[str]) -> None:
                 raise ExprError(f"unknown symbol {n.id!r} (known: {', '.join(sorted(symbols))})")
         elif isinstance(n, ast.Call):
             if not (isinstance(n.func, ast.Name) and n.func.id in _FUNCS and len(n.args) == 2 and not n.keywords):
-                raise ExprError(f"only cdiv(a, b) and max(a, b) may be called ({ALLOWED})")
+                raise ExprError(f"only cdiv(a, b) may be called ({ALLOWED})")
         else:
             raise ExprError(f"{type(n).__name__} is not allowed ({ALLOWED})")
 

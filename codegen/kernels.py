@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 # Parameter kinds. Pointer kinds bind buffers; the scalar kinds "int" and "float" bind expressions.
 PTR_KINDS = ("in", "out", "inout")
-# "index_sync": a grid barrier's counters (int32, zeroed at allocation), which the kernel leaves as it found them.
-INDEX_KINDS = ("index_in", "index_out", "index_inout", "index_sync")
+INDEX_KINDS = ("index_in", "index_out", "index_inout")
 
 
 @dataclass(frozen=True)
@@ -37,9 +36,6 @@ class KernelFamily:
     # The kernel loops grid-stride over its rows, so any grid is correct: the runtime may launch fewer
     # blocks than `grid` (one full wave of the GPU) and each warp then streams several rows.
     grid_stride: bool = False
-    # The kernel waits at grid-wide barriers, so every block must be resident at once: the runtime
-    # launches one wave at most (implies grid_stride).
-    grid_sync: bool = False
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
@@ -56,7 +52,7 @@ class KernelFamily:
 
 
 # Role fields are spelled in instance names as slot letter + field letter: c, a, o, nc, rc, ...
-SLOT_SHORT = {"": "", "norm": "n", "rope": "r", "act": "e", "down": "d"}
+SLOT_SHORT = {"": "", "norm": "n", "rope": "r", "act": "e"}
 FIELD_SHORT = {"compute": "c", "accumulate": "a", "output": "o"}
 
 
@@ -122,10 +118,4 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
     KernelFamily("norm_gemv",             # rmsnorm -> GEMV
                  _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")),
                  {**_NORM, "": _MAIN}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
-    KernelFamily("norm_gemv_swiglu_gemv_residual",   # the MLP: norm_gemv_swiglu, grid barrier, gemv_residual (down)
-                 (Param("x", "inout", "x"), Param("gamma", "in", "g")) + _GEMV
-                 + (Param("y", "out", "y"), Param("w2", "in", "d"), Param("scale2", "in", "t", scale_of="w2"),
-                    Param("rows", "int"), Param("cols", "int"), Param("eps", "float"), Param("grid_sync", "index_sync")),
-                 {**_NORM, "": _MAIN + ("output",), "act": ("compute",), "down": _MAIN + ("output",)},
-                 f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "max(2 * cols, rows)", grid_stride=True, grid_sync=True),
 )}

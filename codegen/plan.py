@@ -70,7 +70,6 @@ class Launch:
     block: str
     smem: str                     # dynamic shared memory bytes (expression)
     grid_stride: bool             # any grid up to `grid` is correct (the runtime may use one wave)
-    grid_sync: bool = False       # grid-wide barriers inside: every block must be resident (one wave at most)
 
 
 @dataclass
@@ -196,8 +195,7 @@ def _resolve_launches(plan: Plan) -> None:
         name = instance_name(fam, dtypes)
         plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes))
         smem = "0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * 4"
-        plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block, smem, fam.grid_stride,
-                                   fam.grid_sync))
+        plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block, smem, fam.grid_stride))
 
 
 def instance_name(fam: KernelFamily, dtypes: dict[str, str]) -> str:

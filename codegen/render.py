@@ -79,8 +79,7 @@ def manifest(plan: Plan, digest: str) -> dict:
         ],
         "decode_step": [
             {"op": l.op, "kernel": l.kernel, "per_layer": l.per_layer, "grid": l.grid, "block": l.block, "smem": l.smem,
-             "grid_stride": l.grid_stride,
-             **({"grid_sync": True} if l.grid_sync else {}), "args": l.args}
+             "grid_stride": l.grid_stride, "args": l.args}
             for l in plan.launches
         ],
     }

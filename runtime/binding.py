@@ -64,7 +64,6 @@ class BoundLaunch:
     block: tuple[int, int, int]
     smem: int                    # dynamic shared memory bytes
     grid_stride: bool = False    # the kernel is correct with any grid up to `grid`
-    grid_sync: bool = False      # ... and needs every block resident at once (grid barriers)
 
 
 def dtype_name(arr: np.ndarray) -> str:
@@ -146,6 +145,5 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundL
         ev = {**env, **scalars}
         out.append(BoundLaunch(launch["op"], i, kern["name"], kern["template"], dtypes, tuple(args),
                                _dim3(evaluate(launch["grid"], ev)), _dim3(evaluate(launch["block"], ev)),
-                               int(evaluate(launch["smem"], ev)), bool(launch.get("grid_stride", False)),
-                               bool(launch.get("grid_sync", False))))
+                               int(evaluate(launch["smem"], ev)), bool(launch.get("grid_stride", False))))
     return out

@@ -229,8 +229,6 @@ class CudaBackend:
         per_sm = ctypes.c_int()
         _check(_libcuda().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(per_sm), fn, math.prod(l.block),
                                                                       ctypes.c_size_t(l.smem)), f"occupancy of {l.kernel}")
-        if l.grid_sync and per_sm.value < 1:
-            raise KernelError(f"kernel {l.kernel} (op {l.op}) waits at grid barriers but not one block of it fits on an SM")
         return (max(1, min(l.grid[0], self.sms * per_sm.value)),) + tuple(l.grid[1:])
 
     def launch_with_grid(self, idx: int, grid: tuple[int, int, int]) -> _Launch:

@@ -74,12 +74,7 @@ def _check_one(cuda_be, ref_be, idx, launch, call, rng, pos: int, suffix: str) -
         info = table[a.buffer]
         ptr = cuda_be.ptr[a.buffer] + a.offset * info.itemsize
         ref_view = ref_args[a.param]
-        if a.kind == "index_sync":                   # barrier counters: start at zero, must end there
-            zero = np.zeros(a.shape, np.int32)
-            ref_view[...] = zero
-            drv.memcpy_htod(ptr, _bytes(zero))
-            outs.append((a, info, ptr, ref_view))
-        elif a.kind in ("out", "index_out"):
+        if a.kind in ("out", "index_out"):
             poison = np.full(a.shape, -1 if info.dtype == INDEX else np.nan, np.int32 if info.dtype == INDEX else np.float32)
             ref_view[...] = poison
             drv.memcpy_htod(ptr, _bytes(poison if info.dtype in (INDEX, "f32") else to_storage(poison, info.dtype)))

@@ -162,22 +162,9 @@ def norm_gemv_swiglu(a, d):
     silu_mul({"gate": y[:a["rows"]], "up": y[a["rows"]:], "y": a["y"]}, {**_sub(d, "act"), "y": d["y"]})
 
 
-def norm_gemv_swiglu_gemv_residual(a, d):
-    """norm_gemv_swiglu into y, then gemv_residual of w2 (contracted in the down slot's dtypes) and y
-    into x. (The kernel's grid barrier between the two has no numerical effect; grid_sync is untouched.)"""
-    norm_gemv_swiglu({k: a[k] for k in ("x", "gamma", "w", "y", "rows", "cols", "eps", "scale") if k in a}, d)
-    down = {"w": a["w2"], "a": a["y"], "x": a["x"], "rows": a["cols"], "cols": a["rows"], **({"scale": a["scale2"]} if "scale2" in a else {})}
-    gemv_residual(down, {**_sub(d, "down"), "act.compute": d["act.compute"], "x": d["x"]})
-
-
-# The weights each op contracts, and the role field of the dtype it contracts them in: the backend
-# rounds them to it once, at load (default: w in "compute").
-norm_gemv_swiglu_gemv_residual.weights = {"w": "compute", "w2": "down.compute"}
-
 OPS = {f.__name__: f for f in (embedding_gather, rmsnorm, gemv, rope, kv_append, attention, silu_mul,
                                residual_add, argmax, advance_pos,
-                               norm_gemv, norm_qkv_rope_kv, gemv_residual, norm_gemv_swiglu,
-                               norm_gemv_swiglu_gemv_residual)}
+                               norm_gemv, norm_qkv_rope_kv, gemv_residual, norm_gemv_swiglu)}
 
 
 class ReferenceBackend:
@@ -199,14 +186,12 @@ class ReferenceBackend:
 
     def _args(self, launch) -> dict:
         args = {a.param: self._arg(a) for a in launch.args}
-        for p, fld in getattr(OPS[launch.template], "weights", {"w": "compute"}).items():
-            if p not in args:
-                continue
-            w = next(a.buffer for a in launch.args if a.param == p)   # rounded to its compute dtype once
-            key = (w, launch.dtypes[fld])
+        if "w" in args:                               # weights rounded to the compute dtype once
+            w = next(a.buffer for a in launch.args if a.param == "w")
+            key = (w, launch.dtypes["compute"])
             if key not in self._rounded:
-                self._rounded[key] = _r(args[p], launch.dtypes[fld])
-            args[p] = self._rounded[key]
+                self._rounded[key] = _r(args["w"], launch.dtypes["compute"])
+            args["w"] = self._rounded[key]
         return args
 
     def _arg(self, a):

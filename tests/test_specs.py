@@ -196,7 +196,7 @@ def test_arch_cannot_inject(specs_dir, capsys, arch):
     assert_spec_error(*run_cli(specs_dir, capsys), f, line, "arch", "an SM architecture")
 
 
-@pytest.mark.parametrize("bad", ["'hidden; rm -rf /'", "__import__('os')", "hidden ** 2", "'hidden.__class__'", "open", "max(hidden)", "min(hidden, 2)"])
+@pytest.mark.parametrize("bad", ["'hidden; rm -rf /'", "__import__('os')", "hidden ** 2", "'hidden.__class__'", "open"])
 def test_shape_expressions_cannot_inject(specs_dir, capsys, bad):
     f = specs_dir / "models/llama.yaml"
     line = edit(f, "o:        {dtype: o_proj.output, shape: [hidden]}", f"o:        {{dtype: o_proj.output, shape: [{bad}]}}")
@@ -283,11 +283,9 @@ def test_user_spec_folder_with_a_new_policy(specs_dir, capsys, tmp_path):
 
 def test_fused_kernel_needs_its_stage_roles(specs_dir, capsys):
     f = specs_dir / "models/llama.yaml"
-    i = op_index(specs_dir, "ffn_norm_gate_up_silu_down_residual")
-    line = edit(f, "act_role: activations, down_role: down_proj,", "act_role: activations,")
-    # a missing key is reported at the op's first line, the one above the edit
-    assert_spec_error(*run_cli(specs_dir, capsys), f, line - 1, f"decode_step.{i}", "<no 'down_role'>",
-                      "norm_gemv_swiglu_gemv_residual")
+    i = op_index(specs_dir, "ffn_norm_gate_up_silu")
+    line = edit(f, "role: gate_proj, norm_role: ffn_norm, act_role: activations,", "role: gate_proj, act_role: activations,")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, f"decode_step.{i}", "<no 'norm_role'>", "norm_gemv_swiglu")
 
 
 def test_stage_role_must_have_the_fields_the_kernel_uses(specs_dir, capsys):
