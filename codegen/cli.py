@@ -187,6 +187,9 @@ def cmd_bench(args) -> int:
         return 0
     r = run_bench(target, packed, tokens=args.tokens)
     print_result(r)
+    if args.timeline:
+        from runtime.bench import print_timeline, run_timeline
+        print_timeline(run_timeline(target, packed))
     if args.compare == "hf":
         emb = next(w for w in target.packing["weights"] if w["role"] == "embedding")["dtype"]
         torch_dtype = emb if emb in ("f32", "f16", "bf16") else "f16"
@@ -245,6 +248,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cuda",
                    help="cpu: time the numpy reference backend instead")
     p.add_argument("--compare", choices=("hf",), help="also time Hugging Face transformers on the same weights")
+    p.add_argument("--timeline", action="store_true",
+                   help="also replay the step with kernels that stamp the GPU clock (-DDTF_TRACE): per launch, when "
+                        "its wait released after the previous launch ended and how long it ran after")
     return ap
 
 

@@ -153,6 +153,78 @@ def run_bench(target, packed, tokens: int = 128, progress: bool = True) -> Bench
         be.close()
 
 
+@dataclass
+class TimelineRow:
+    name: str                # "op [kernel]"
+    launches: int            # per step
+    span_us: float           # mean per launch: its last block's end - the previous launch's
+    released_us: float       # mean per launch: block 0 past the wait - the previous launch's end
+    after_wait_us: float     # mean per launch: its end - block 0 past the wait
+
+
+def timeline_rows(trace, names: list[str], steps: int) -> list[TimelineRow]:
+    """Aggregate a timeline (``trace[i] = (start, waited, end)`` in ns for launch i of `steps`
+    consecutive steps of len(names) launches) per op. The first launch of each step is measured
+    from the previous step's last end, so the spans of a step add up to its time."""
+    n = len(names)
+    acc: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    for s in range(1, steps):                     # step 0 has no predecessor: skipped
+        for k in range(n):
+            i = s * n + k
+            prev_end = trace[i - 1][2]
+            a = acc[names[k]]
+            a[0] += 1
+            a[1] += (trace[i][2] - prev_end) / 1e3
+            a[2] += (trace[i][1] - prev_end) / 1e3
+            a[3] += (trace[i][2] - trace[i][1]) / 1e3
+    rows = [TimelineRow(name, round(c / (steps - 1)), sp / c, rel / c, aw / c) for name, (c, sp, rel, aw) in acc.items()]
+    return sorted(rows, key=lambda r: -r.span_us * r.launches)
+
+
+def run_timeline(target, packed, steps: int = 32, progress: bool = True) -> list[TimelineRow]:
+    """Replay the step's graph `steps` times with kernels built with -DDTF_TRACE, which stamp
+    %globaltimer when a launch's block 0 starts and passes its wait and when its last block ends:
+    where the critical path of a pipelined step goes, launch by launch (the stamps cost each block
+    one atomic, so absolute times run a little slow)."""
+    import numpy as np
+
+    from .cuda import CudaBackend
+    be = CudaBackend(target, packed, progress=progress, options=("-DDTF_TRACE",))
+    drv = be.drv
+    try:
+        n = len(be.launches)
+        ptrs = {v: be.module.global_ptr(v) for v in ("dtf_trace", "dtf_trace_started", "dtf_trace_ended", "dtf_trace_blocks_done")}
+        cap = ptrs["dtf_trace"][1] // 24
+        steps = max(2, min(steps, cap // n))
+        be.reset()
+        be.token[0] = 1
+        drv.memcpy_htod(be.ptr["token"], be.token)
+        _replay_ms(be, be.graph, 4)                # warm
+        be.pos[0] = 0
+        drv.memcpy_htod(be.ptr["pos"], be.pos)
+        for v in ("dtf_trace_started", "dtf_trace_ended", "dtf_trace_blocks_done"):
+            drv.memset_d32(ptrs[v][0], 0, 1)
+        for _ in range(steps):
+            be.graph.launch()
+        be.stream.synchronize()
+        trace = np.empty((cap, 3), np.uint64)
+        drv.memcpy_dtoh(trace, ptrs["dtf_trace"][0])
+        names = [f"{l.op} [{l.kernel}]" for l in be.launches]
+        return timeline_rows(trace.astype(np.int64), names, steps)
+    finally:
+        be.close()
+
+
+def print_timeline(rows: list[TimelineRow], out=sys.stdout, top: int = 12) -> None:
+    p = lambda *a: print(*a, file=out)
+    total = sum(r.span_us * r.launches for r in rows)
+    p(f"  timeline (kernels built with -DDTF_TRACE, graph replay; {total / 1e3:.3f} ms per step traced). Per launch:")
+    p("  its span (end - previous launch's end), when its wait released after the previous end, its time after the wait:")
+    for r in rows[:top]:
+        p(f"    {r.span_us * r.launches / 1e3:8.4f} ms  x{r.launches:<4d} span {r.span_us:6.2f} us  "
+          f"released +{r.released_us:5.2f} us  after wait {r.after_wait_us:6.2f} us  {r.name}")
+
+
 def reference_ms_per_token(target, packed, tokens: int = 16) -> float:
     """ms per decode step of the numpy reference backend (what `generate` costs without a GPU)."""
     from .reference import ReferenceBackend

@@ -122,6 +122,14 @@ class _Module:
         return self.functions[name]
 
 
+    def global_ptr(self, name: str) -> tuple[int, int]:
+        """Device address and size of a __device__ variable of the module (the timeline's buffers)."""
+        ptr, size = ctypes.c_uint64(), ctypes.c_size_t()
+        _check(_libcuda().cuModuleGetGlobal_v2(ctypes.byref(ptr), ctypes.byref(size), self.h, name.encode()),
+               f"finding {name} (compiled without -DDTF_TRACE?)")
+        return ptr.value, size.value
+
+
 class _Launch:
     """One bound launch with its argument block built once; `run` enqueues it on a stream. With
     `pdl`, the launch may begin while the previous kernel finishes (programmatic dependent launch):
@@ -168,7 +176,8 @@ class _Graph:
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, target, packed, *, use_graph: bool = True, progress: bool = True):
+    def __init__(self, target, packed, *, use_graph: bool = True, progress: bool = True,
+                 options: tuple[str, ...] = COMPILE_OPTIONS):
         drv = self.drv = _driver()
         self.manifest, self.env = target.manifest, packed.env
         dev = drv.Device(0)
@@ -188,7 +197,7 @@ class CudaBackend:
             raise BackendUnavailable(f"target {target.name} needs {need / 2**30:.2f} GiB of device memory for this "
                                      f"model; the GPU has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB")
 
-        self.module = _Module(cached_cubin(target.path / "kernels.cu", self.arch, progress=progress))
+        self.module = _Module(cached_cubin(target.path / "kernels.cu", self.arch, options, progress=progress))
         self.stream = drv.Stream()
         # kernels generated with griddepcontrol (the device spec's programmatic_dependent_launch) on sm_90+
         self.pdl = bool(self.manifest.get("programmatic_dependent_launch")) and major >= 9

@@ -57,6 +57,11 @@ def smol(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    return write_synthetic_model(tmp_path_factory.mktemp("wide"), shape="wide", seed=3)
+
+
+@pytest.fixture(scope="module")
 def ragged(tmp_path_factory):
     return write_synthetic_model(tmp_path_factory.mktemp("ragged"), shape="ragged", seed=2)
 
@@ -143,6 +148,19 @@ def test_ragged_shapes_match_reference_ops(ragged, policy, layout):
     t, gpu, ref = _pair(ragged, policy, layout, max_seq=64)
     try:
         results = check_target_ops(gpu, ref, seed=5, pos=37)
+    finally:
+        gpu.close()
+    bad = [r for r in results if not r.ok]
+    assert not bad, "\n".join(f"{r.kernel} ({r.op}): {r.detail}" for r in bad)
+
+
+@pytest.mark.parametrize("policy", ["f32", "f16", "bf16", "fp8-e4m3-weights", "f16-storage-f32-compute"])
+def test_wide_hidden_matches_reference_ops(wide, policy):
+    """hidden 2048, as Llama-3.2-1B (whose full checkpoint is too large for the suite): every thread
+    of a norm kernel stages a 16-byte vector of x, and each GEMV row spans a whole batch of loads."""
+    t, gpu, ref = _pair(wide, policy, "fused", max_seq=64)
+    try:
+        results = check_target_ops(gpu, ref, seed=7, pos=37)
     finally:
         gpu.close()
     bad = [r for r in results if not r.ok]

@@ -83,3 +83,40 @@ def test_bench_report_states_each_ops_share_and_its_bandwidth_efficiency():
     assert "22.2%" in down and "11.72 us/launch" in down and "33.55 MB/launch" in down and "67% of copy bw" in down
     attn = next(l for l in text.splitlines() if l.endswith("attention [a]"))
     assert "copy bw" not in attn          # no weights: no bandwidth claim
+
+
+def test_timeline_measures_each_launch_from_the_previous_launchs_end():
+    """timeline_rows: a launch's span runs from the previous launch's end (the previous step's last
+    launch for a step's first), so a step's spans add up to its time; step 0 has no predecessor."""
+    import numpy as np
+    from runtime.bench import timeline_rows
+    names = ["qkv [a]", "attn [b]", "qkv [a]"]               # an op that runs twice per step
+    rng = np.random.default_rng(0)
+    trace, t = [], 1_000_000
+    for _ in range(4):
+        for _ in names:
+            start = t - int(rng.integers(500, 3000))           # launched early (PDL), before the previous end
+            waited = t + int(rng.integers(200, 900))
+            t = waited + int(rng.integers(1000, 5000))
+            trace.append((start, waited, t))
+    trace = np.array(trace, np.int64)
+    rows = {r.name: r for r in timeline_rows(trace, names, steps=4)}
+    assert rows["qkv [a]"].launches == 2 and rows["attn [b]"].launches == 1
+    step_us = (trace[-1][2] - trace[2][2]) / 1e3 / 3           # steps 1..3
+    assert abs(sum(r.span_us * r.launches for r in rows.values()) - step_us) < 1e-6
+    ends, waits = trace[:, 2], trace[:, 1]
+    attn = [k for k in range(3, 12) if k % 3 == 1]
+    assert abs(rows["attn [b]"].released_us - np.mean([(waits[k] - ends[k - 1]) / 1e3 for k in attn])) < 1e-9
+    assert abs(rows["attn [b]"].after_wait_us - np.mean([(ends[k] - waits[k]) / 1e3 for k in attn])) < 1e-9
+
+
+def test_traced_kernels_build_and_export_the_timeline(tmp_path):
+    """-DDTF_TRACE (codegen bench --timeline) builds every kernel of a target with the clock stamps
+    and exports the buffers the runtime reads by name; without it, no trace symbol is left."""
+    from codegen.compile import compile_cubin
+    cu = GENERATED / "h200.f16.fused" / "kernels.cu"
+    traced = compile_cubin(cu, "sm_90", tmp_path / "traced.cubin", options=("-DDTF_TRACE",)).read_bytes()
+    plain = compile_cubin(cu, "sm_90", tmp_path / "plain.cubin", options=()).read_bytes()
+    for sym in (b"dtf_trace\0", b"dtf_trace_started\0", b"dtf_trace_ended\0", b"dtf_trace_blocks_done\0"):
+        assert sym in traced and sym not in plain
+    assert b"globaltimer" not in plain
