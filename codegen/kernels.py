@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Parameter kinds. Pointer kinds bind buffers; the scalar kinds "int" and "float" bind expressions.
+# "workspace" is the kernel's own scratch in global memory (KernelFamily.workspace bytes, zeroed at
+# allocation, left zeroed where the kernel keeps counters there): the runtime binds it, not the spec.
 PTR_KINDS = ("in", "out", "inout")
+WORKSPACE = "workspace"
 INDEX_KINDS = ("index_in", "index_out", "index_inout")
 
 
@@ -36,14 +39,15 @@ class KernelFamily:
     # The kernel loops grid-stride over its rows, so any grid is correct: the runtime may launch fewer
     # blocks than `grid` (one full wave of the GPU) and each warp then streams several rows.
     grid_stride: bool = False
+    workspace: str = "0"        # bytes of the WORKSPACE parameter (expression over the kernel's int args)
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
 
     @property
     def spec_params(self) -> tuple[Param, ...]:
-        """Parameters a model spec must bind (scales are bound by the Plan)."""
-        return tuple(p for p in self.params if p.scale_of is None)
+        """Parameters a model spec must bind (scales are bound by the Plan, the workspace by the runtime)."""
+        return tuple(p for p in self.params if p.scale_of is None and p.kind != WORKSPACE)
 
     @property
     def role_fields(self) -> tuple[str, ...]:
@@ -62,6 +66,7 @@ def field_short(key: str) -> str:
 
 
 WARPS = 8          # warps per block of the row-parallel kernels: one warp per output row (or rope pair)
+ATTN_SPLIT = 512   # KV positions per attention block: longer contexts spread over more blocks (flash-decoding)
 _GEMV = (Param("w", "in", "w"), Param("scale", "in", "s", scale_of="w"))
 _NORM_IN = (Param("x", "in", "x"), Param("gamma", "in", "g"))
 _MAIN = ("compute", "accumulate")
@@ -85,10 +90,12 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  (Param("k", "in", "k"), Param("v", "in", "v"), Param("k_cache", "out", "c"), Param("v_cache", "out", "d"),
                   Param("pos", "index_in"), Param("kv_dim", "int")),
                  {}, "cdiv(kv_dim, 256)", "256"),
-    KernelFamily("attention",
+    KernelFamily("attention",           # split-KV: one block per (head, ATTN_SPLIT positions), merged by the last
                  (Param("q", "in", "q"), Param("k_cache", "in", "k"), Param("v_cache", "in", "v"), Param("out", "out", "o"),
-                  Param("pos", "index_in"), Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int")),
-                 {"": _MAIN}, "n_heads", "512"),
+                  Param("pos", "index_in"), Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"),
+                  Param("max_seq", "int"), Param("work", WORKSPACE)),
+                 {"": _MAIN}, f"n_heads * cdiv(max_seq, {ATTN_SPLIT})", "512",
+                 workspace=f"n_heads * cdiv(max_seq, {ATTN_SPLIT}) * (head_dim + 2) * 4 + n_heads * 4"),
     KernelFamily("silu_mul",
                  (Param("gate", "in", "g"), Param("up", "in", "u"), Param("y", "out", "y"), Param("n", "int")),
                  {"": ("compute",)}, "cdiv(n, 256)", "256"),

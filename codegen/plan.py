@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .dtypes import DTYPES, DType
-from .kernels import FAMILIES, INDEX_KINDS, PTR_KINDS, KernelFamily, field_short
+from .kernels import FAMILIES, INDEX_KINDS, PTR_KINDS, WORKSPACE, KernelFamily, field_short
 from .specs import Device, ModelSpec, Policy, Specs, check_runs_on
 from .yamlsrc import SpecError
 
@@ -70,6 +70,7 @@ class Launch:
     block: str
     smem: str                     # dynamic shared memory bytes (expression)
     grid_stride: bool             # any grid up to `grid` is correct (the runtime may use one wave)
+    workspace: str = "0"          # bytes of the kernel's scratch (its WORKSPACE parameter), expression
 
 
 @dataclass
@@ -161,6 +162,9 @@ def _resolve_launches(plan: Plan) -> None:
         dtypes: dict[str, str] = {}
         args: list[dict] = []
         for prm in fam.params:
+            if prm.kind == WORKSPACE:
+                args.append({"param": prm.name, "kind": prm.kind})
+                continue
             if prm.scale_of is not None:
                 w = plan.weights.get(op.args[prm.scale_of])
                 if w is None or w.quant is None:
@@ -195,7 +199,8 @@ def _resolve_launches(plan: Plan) -> None:
         name = instance_name(fam, dtypes)
         plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes))
         smem = "0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * 4"
-        plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block, smem, fam.grid_stride))
+        plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block, smem, fam.grid_stride,
+                                   fam.workspace))
 
 
 def instance_name(fam: KernelFamily, dtypes: dict[str, str]) -> str:

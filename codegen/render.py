@@ -12,6 +12,7 @@ from pathlib import Path
 import jinja2
 
 from .dtypes import ARITH_DTYPES
+from .kernels import ATTN_SPLIT
 from .plan import Plan
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -55,7 +56,7 @@ def render_kernels(plan: Plan, digest: str) -> str:
         policy=plan.policy.name, layout=plan.layout, inputs_hash=digest,
         pdl=bool(plan.device.capabilities.get("programmatic_dependent_launch")), tuning=plan.device.tuning,
         kernels=sorted(plan.kernels.values(), key=lambda k: k.name),
-        dtypes_used=sorted(used), arith_used=sorted(arith & set(ARITH_DTYPES)))
+        dtypes_used=sorted(used), arith_used=sorted(arith & set(ARITH_DTYPES)), attn_split=ATTN_SPLIT)
 
 
 def manifest(plan: Plan, digest: str) -> dict:
@@ -79,7 +80,8 @@ def manifest(plan: Plan, digest: str) -> dict:
         ],
         "decode_step": [
             {"op": l.op, "kernel": l.kernel, "per_layer": l.per_layer, "grid": l.grid, "block": l.block, "smem": l.smem,
-             "grid_stride": l.grid_stride, "args": l.args}
+             "grid_stride": l.grid_stride,
+             **({"workspace": l.workspace} if l.workspace != "0" else {}), "args": l.args}
             for l in plan.launches
         ],
     }

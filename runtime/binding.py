@@ -64,6 +64,7 @@ class BoundLaunch:
     block: tuple[int, int, int]
     smem: int                    # dynamic shared memory bytes
     grid_stride: bool = False    # the kernel is correct with any grid up to `grid`
+    workspace: int = 0           # bytes of scratch the backend binds to the kernel's "workspace" argument
 
 
 def dtype_name(arr: np.ndarray) -> str:
@@ -118,6 +119,9 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundL
                             f"do not match its parameters {list(declared)}")
         args, scalars = [], {}
         for a in launch["args"]:
+            if a["kind"] == "workspace":
+                args.append(Arg(a["param"], a["kind"]))
+                continue
             if "value" in a:
                 v = evaluate(a["value"], env)
                 v = float(v) if a["kind"] == "float" else int(v)
@@ -145,5 +149,6 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundL
         ev = {**env, **scalars}
         out.append(BoundLaunch(launch["op"], i, kern["name"], kern["template"], dtypes, tuple(args),
                                _dim3(evaluate(launch["grid"], ev)), _dim3(evaluate(launch["block"], ev)),
-                               int(evaluate(launch["smem"], ev)), bool(launch.get("grid_stride", False))))
+                               int(evaluate(launch["smem"], ev)), bool(launch.get("grid_stride", False)),
+                               int(evaluate(launch.get("workspace", "0"), ev))))
     return out

@@ -144,3 +144,31 @@ def test_device_tuning_reaches_the_kernels_and_compiles(tmp_path):
     assert "#define DTF_GEMV_LOADS 4\n" in cu.read_text()
     assert "#define DTF_GEMV_LOADS 8\n" in (GENERATED / "h100.fp8-e4m3-weights.fused" / "kernels.cu").read_text()
     assert compile_cubin(cu, "sm_90").stat().st_size > 0
+
+
+def test_attention_workspace_and_grid_grow_with_the_context(tmp_path):
+    """Split-KV attention: one block per head and 512 positions of max_seq, and a workspace for the
+    blocks' partials and one counter per head, bound by the runtime (the spec never names it)."""
+    from runtime.binding import bind, buffer_table
+    from runtime.loader import pack_weights
+    from runtime.synth import write_synthetic_model
+    from runtime.target import load_target
+    t = load_target(GENERATED / "h200.f16.fused")
+    model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 4096}))
+    seen = {}
+    for max_seq in (512, 513, 2048):
+        packed = pack_weights(t, model, max_seq=max_seq, progress=False)
+        launches = bind(t.manifest, packed.env, buffer_table(t.manifest, packed.env, packed.arrays))
+        attn = next(l for l in launches if l.template == "attention")
+        work = [a for a in attn.args if a.kind == "workspace"]
+        assert len(work) == 1 and work[0].buffer is None
+        assert all(l.workspace == 0 for l in launches if l.template != "attention")
+        seen[max_seq] = (attn.grid[0], attn.workspace)
+    heads = packed.env["n_heads"]
+    assert [g for g, _ in seen.values()] == [heads, 2 * heads, 4 * heads]
+    floats = packed.env["head_dim"] + 2                 # per split: max, sum, output
+    assert [w for _, w in seen.values()] == [heads * (s * floats + 1) * 4 for s in (1, 2, 4)]
+    fam = next(k for k in t.manifest["kernels"] if k["template"] == "attention")
+    assert "work" in [p["name"] for p in fam["params"]]

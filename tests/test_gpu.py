@@ -165,3 +165,18 @@ def test_wide_hidden_matches_reference_ops(wide, policy):
         gpu.close()
     bad = [r for r in results if not r.ok]
     assert not bad, "\n".join(f"{r.kernel} ({r.op}): {r.detail}" for r in bad)
+
+
+@pytest.mark.parametrize("policy", ["f32", "f16", "bf16"])
+def test_long_context_attention_splits_match_reference_ops(wide, policy):
+    """Contexts past one attention split (512 positions): at pos 511 one block per head, at 512 a
+    second split of one position, at 1300 three splits merged by the last block of each head. Run
+    in turn on one backend, so a split counter left behind by one launch would leave the next
+    launch's output unwritten (poisoned), which the check catches."""
+    t, gpu, ref = _pair(wide, policy, "fused", max_seq=2048)
+    try:
+        for pos in (1300, 511, 512, 1300):
+            bad = [r for r in check_target_ops(gpu, ref, seed=pos, pos=pos) if not r.ok]
+            assert not bad, f"pos {pos}: " + "\n".join(f"{r.kernel} ({r.op}): {r.detail}" for r in bad)
+    finally:
+        gpu.close()

@@ -2,7 +2,7 @@
 # A/B in one GPU run: bench a baseline tree (e.g. `git archive HEAD~1 | tar -x -C .ab/old`, untracked,
 # so the device tool carries it) and the current tree, interleaved, on the same synthetic models.
 # Run-to-run spread across machines is up to ~5%; within one run it is well under 1%.
-#   usage: OLD=.ab/old POLICY=f16 SHAPES="smollm2-135m llama-3.2-1b" ROUNDS=2 tools/gpu_ab.sh
+#   usage: OLD=.ab/old POLICY=f16 SHAPES="smollm2-135m llama-3.2-1b" ROUNDS=2 TOKENS=128 tools/gpu_ab.sh
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 OLD=${OLD:-.ab/old}; POLICY=${POLICY:-f16}; SHAPES=${SHAPES:-smollm2-135m llama-3.2-1b}
@@ -10,8 +10,8 @@ synth $SHAPES
 for r in $(seq ${ROUNDS:-2}); do
   for tree in "$OLD" .; do
     for s in $SHAPES; do
-      echo "== round $r tree $tree $s $POLICY"
-      (cd "$tree" && PYTHONPATH=/tmp/site:$PWD cg bench --model $M/$s --policy $POLICY --layout fused 2>&1) |
+      echo "== round $r tree $tree $s $POLICY ${TOKENS:-128} tokens"
+      (cd "$tree" && PYTHONPATH=/tmp/site:$PWD cg bench --model $M/$s --policy $POLICY --layout fused --tokens ${TOKENS:-128} 2>&1) |
         grep -v "packing\|it/s\|compiling\|uploaded"
     done
   done
