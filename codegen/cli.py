@@ -175,6 +175,10 @@ def cmd_bench(args) -> int:
     from runtime.target import find_target, load_target
     specs = _specs(args)
     backend = resolve_backend(args.backend)
+    if backend == "cpu" and (args.compare or args.timeline):
+        from runtime.errors import BackendUnavailable
+        raise BackendUnavailable(f"{'--compare' if args.compare else '--timeline'} times the GPU, but this bench runs the "
+                                 "numpy reference backend (--backend cpu, or no usable GPU); drop it or use --backend cuda")
     device = resolve_device(specs, args.device, backend)
     policy = args.policy or specs.devices[device].default_policy
     target = load_target(find_target(device, policy, args.layout))

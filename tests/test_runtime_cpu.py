@@ -120,3 +120,14 @@ def test_traced_kernels_build_and_export_the_timeline(tmp_path):
     for sym in (b"dtf_trace\0", b"dtf_trace_started\0", b"dtf_trace_ended\0", b"dtf_trace_blocks_done\0"):
         assert sym in traced and sym not in plain
     assert b"globaltimer" not in plain
+
+
+@pytest.mark.parametrize("flag", [["--timeline"], ["--compare", "hf"]])
+def test_bench_refuses_gpu_only_flags_on_the_cpu_backend(tmp_path, capsys, flag):
+    """--timeline and --compare time the GPU: with --backend cpu they are refused by name before any
+    packing, rather than silently ignored."""
+    from codegen.cli import main
+    model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
+    assert main(["bench", "--model", str(model), "--backend", "cpu", "--device", "reference", *flag]) == 1
+    err = capsys.readouterr().err
+    assert flag[0] in err and "--backend cuda" in err and "packing" not in err
