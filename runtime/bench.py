@@ -90,6 +90,13 @@ def profile_kernels(be, reps: int = 5) -> list[tuple[str, int, float]]:
     return sorted(((k, counts[k], v[1]) for k, v in per_op.items()), key=lambda r: -r[2])
 
 
+def _feed_token(be, token: int = 1) -> None:
+    """Fresh buffers and `token` on the device: what graph replays start from (pos is set per replay)."""
+    be.reset()
+    be.token[0] = token
+    be.drv.memcpy_htod(be.ptr["token"], be.token)
+
+
 def _replay_ms(be, graph, tokens: int) -> float:
     """ms per replay of `graph`, `tokens` replays back to back from position 0."""
     drv = be.drv
@@ -137,9 +144,7 @@ def run_bench(target, packed, tokens: int = 128, progress: bool = True) -> Bench
         be.reset()
         be.step(1, 0)
         be.greedy(1, 1, 8)                       # warm up
-        be.reset()
-        be.token[0] = 1
-        drv.memcpy_htod(be.ptr["token"], be.token)
+        _feed_token(be)
         ms = _replay_ms(be, be.graph, tokens)
         be.reset()
         t0 = time.perf_counter()
@@ -196,9 +201,7 @@ def run_timeline(target, packed, steps: int = 32, progress: bool = True) -> list
         ptrs = {v: be.module.global_ptr(v) for v in ("dtf_trace", "dtf_trace_started", "dtf_trace_ended", "dtf_trace_blocks_done")}
         cap = ptrs["dtf_trace"][1] // 24
         steps = max(2, min(steps, cap // n))
-        be.reset()
-        be.token[0] = 1
-        drv.memcpy_htod(be.ptr["token"], be.token)
+        _feed_token(be)
         _replay_ms(be, be.graph, 4)                # warm
         be.pos[0] = 0
         drv.memcpy_htod(be.ptr["pos"], be.pos)

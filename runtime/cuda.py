@@ -12,10 +12,10 @@
 """
 from __future__ import annotations
 
-import ctypes
-import math
 import atexit
+import ctypes
 import hashlib
+import math
 import os
 import sys
 import time
@@ -120,7 +120,6 @@ class _Module:
             _check(_libcuda().cuFuncSetAttribute(self.functions[name], _MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
                    f"{name}: {smem} bytes of shared memory")
         return self.functions[name]
-
 
     def global_ptr(self, name: str) -> tuple[int, int]:
         """Device address and size of a __device__ variable of the module (the timeline's buffers)."""
