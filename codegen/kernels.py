@@ -67,6 +67,7 @@ def field_short(key: str) -> str:
 
 WARPS = 8          # warps per block of the row-parallel kernels: one warp per output row (or rope pair)
 ATTN_SPLIT = 512   # KV positions per attention block: longer contexts spread over more blocks (flash-decoding)
+ATTN_THREADS = 512  # threads per attention block (16 warps)
 _GEMV = (Param("w", "in", "w"), Param("scale", "in", "s", scale_of="w"))
 _NORM_IN = (Param("x", "in", "x"), Param("gamma", "in", "g"))
 _MAIN = ("compute", "accumulate")
@@ -94,7 +95,7 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  (Param("q", "in", "q"), Param("k_cache", "in", "k"), Param("v_cache", "in", "v"), Param("out", "out", "o"),
                   Param("pos", "index_in"), Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"),
                   Param("max_seq", "int"), Param("work", WORKSPACE)),
-                 {"": _MAIN}, f"n_heads * cdiv(max_seq, {ATTN_SPLIT})", "512",
+                 {"": _MAIN}, f"n_heads * cdiv(max_seq, {ATTN_SPLIT})", f"{ATTN_THREADS}",
                  workspace=f"n_heads * cdiv(max_seq, {ATTN_SPLIT}) * (head_dim + 2) * 4 + n_heads * 4"),
     KernelFamily("silu_mul",
                  (Param("gate", "in", "g"), Param("up", "in", "u"), Param("y", "out", "y"), Param("n", "int")),

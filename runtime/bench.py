@@ -165,6 +165,7 @@ class TimelineRow:
     span_us: float           # mean per launch: its last block's end - the previous launch's
     released_us: float       # mean per launch: block 0 past the wait - the previous launch's end
     after_wait_us: float     # mean per launch: its end - block 0 past the wait
+    started_us: float        # mean per launch: block 0 starts - the previous launch's end (< 0: resident early)
 
 
 def timeline_rows(trace, names: list[str], steps: int) -> list[TimelineRow]:
@@ -172,7 +173,7 @@ def timeline_rows(trace, names: list[str], steps: int) -> list[TimelineRow]:
     consecutive steps of len(names) launches) per op. The first launch of each step is measured
     from the previous step's last end, so the spans of a step add up to its time."""
     n = len(names)
-    acc: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    acc: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0, 0.0, 0.0])
     for s in range(1, steps):                     # step 0 has no predecessor: skipped
         for k in range(n):
             i = s * n + k
@@ -182,7 +183,9 @@ def timeline_rows(trace, names: list[str], steps: int) -> list[TimelineRow]:
             a[1] += (trace[i][2] - prev_end) / 1e3
             a[2] += (trace[i][1] - prev_end) / 1e3
             a[3] += (trace[i][2] - trace[i][1]) / 1e3
-    rows = [TimelineRow(name, round(c / (steps - 1)), sp / c, rel / c, aw / c) for name, (c, sp, rel, aw) in acc.items()]
+            a[4] += (trace[i][0] - prev_end) / 1e3
+    rows = [TimelineRow(name, round(c / (steps - 1)), sp / c, rel / c, aw / c, st / c)
+            for name, (c, sp, rel, aw, st) in acc.items()]
     return sorted(rows, key=lambda r: -r.span_us * r.launches)
 
 
@@ -222,10 +225,11 @@ def print_timeline(rows: list[TimelineRow], out=sys.stdout, top: int = 12) -> No
     p = lambda *a: print(*a, file=out)
     total = sum(r.span_us * r.launches for r in rows)
     p(f"  timeline (kernels built with -DDTF_TRACE, graph replay; {total / 1e3:.3f} ms per step traced). Per launch:")
-    p("  its span (end - previous launch's end), when its wait released after the previous end, its time after the wait:")
+    p("  its span (end - previous launch's end); when its block 0 started and when its wait released, after the")
+    p("  previous end (a negative start: resident and loading before it); its time after the wait:")
     for r in rows[:top]:
         p(f"    {r.span_us * r.launches / 1e3:8.4f} ms  x{r.launches:<4d} span {r.span_us:6.2f} us  "
-          f"released +{r.released_us:5.2f} us  after wait {r.after_wait_us:6.2f} us  {r.name}")
+          f"started {r.started_us:+6.2f} us  released +{r.released_us:5.2f} us  after wait {r.after_wait_us:6.2f} us  {r.name}")
 
 
 def reference_ms_per_token(target, packed, tokens: int = 16) -> float:

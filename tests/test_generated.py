@@ -61,7 +61,7 @@ def test_kernel_names_spell_every_dtype_and_are_unique():
         if plan.device.kind != "cuda":
             continue
         cu = (GENERATED / plan.target / "kernels.cu").read_text()
-        defined = re.findall(r'extern "C" __global__ void (\w+)\(', cu)
+        defined = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(', cu)
         assert len(defined) == len(set(defined)) == len(plan.kernels), plan.target
         for k in plan.kernels.values():
             assert k.name in defined
@@ -69,7 +69,7 @@ def test_kernel_names_spell_every_dtype_and_are_unique():
                 if prm.name in k.dtypes:
                     assert f"_{prm.short}{k.dtypes[prm.name]}" in k.name, (k.name, prm.name)
             # the C signature uses exactly the declared C types
-            sig = re.search(rf"void {k.name}\((.*?)\)", cu, re.S).group(1)
+            sig = re.search(rf"void (?:__launch_bounds__\([^)]*\) )?{k.name}\((.*?)\)", cu, re.S).group(1)
             for prm in k.family.params:
                 if prm.name in k.dtypes:
                     assert f"{DTYPES[k.dtypes[prm.name]].ctype}* __restrict__ {prm.name}" in sig, (k.name, prm.name, sig)

@@ -108,6 +108,8 @@ def test_timeline_measures_each_launch_from_the_previous_launchs_end():
     attn = [k for k in range(3, 12) if k % 3 == 1]
     assert abs(rows["attn [b]"].released_us - np.mean([(waits[k] - ends[k - 1]) / 1e3 for k in attn])) < 1e-9
     assert abs(rows["attn [b]"].after_wait_us - np.mean([(ends[k] - waits[k]) / 1e3 for k in attn])) < 1e-9
+    assert abs(rows["attn [b]"].started_us - np.mean([(trace[k][0] - ends[k - 1]) / 1e3 for k in attn])) < 1e-9
+    assert rows["attn [b]"].started_us < 0
 
 
 def test_traced_kernels_build_and_export_the_timeline(tmp_path):

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # A/B in one GPU run: bench a baseline tree (e.g. `git archive HEAD~1 | tar -x -C .ab/old`, untracked,
-# so the device tool carries it) and the current tree, interleaved, on the same synthetic models.
-# Run-to-run spread across machines is up to ~5%; within one run it is well under 1%.
+# so the device tool carries it) and the current tree, and/or several layouts, interleaved, on the same
+# synthetic models. Run-to-run spread across machines is up to ~5%; within one run it is well under 1%.
 #   usage: OLD=.ab/old POLICY=f16 SHAPES="smollm2-135m llama-3.2-1b" ROUNDS=2 TOKENS=128 tools/gpu_ab.sh
+#          OLD= LAYOUTS="fused fused_attn_o" tools/gpu_ab.sh       (layouts of the current tree only)
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-OLD=${OLD:-.ab/old}; POLICY=${POLICY:-f16}; SHAPES=${SHAPES:-smollm2-135m llama-3.2-1b}
+OLD=${OLD-.ab/old}; POLICY=${POLICY:-f16}; SHAPES=${SHAPES:-smollm2-135m llama-3.2-1b}; LAYOUTS=${LAYOUTS:-fused}
 synth $SHAPES
 for r in $(seq ${ROUNDS:-2}); do
-  for tree in "$OLD" .; do
-    for s in $SHAPES; do
-      echo "== round $r tree $tree $s $POLICY ${TOKENS:-128} tokens"
-      (cd "$tree" && PYTHONPATH=/tmp/site:$PWD cg bench --model $M/$s --policy $POLICY --layout fused --tokens ${TOKENS:-128} 2>&1) |
-        grep -v "packing\|it/s\|compiling\|uploaded"
+  for tree in $OLD .; do
+    for layout in $LAYOUTS; do
+      for s in $SHAPES; do
+        echo "== round $r tree $tree $s $POLICY $layout ${TOKENS:-128} tokens"
+        (cd "$tree" && PYTHONPATH=/tmp/site:$PWD cg bench --model $M/$s --policy $POLICY --layout $layout --tokens ${TOKENS:-128} 2>&1) |
+          grep -v "packing\|it/s\|compiling\|uploaded"
+      done
     done
   done
 done | tee -a "$OUT/ab.log" | grep -E "==|graph replay"
