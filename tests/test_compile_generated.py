@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 
 import pytest
 
 from codegen.build import GENERATED
-from codegen.compile import compile_cubin
+from codegen.compile import compile_cubin, toolchains_for
+from codegen.expr import evaluate
+
+REGISTER_FILE = 65536            # 32-bit registers per SM on every arch the specs name (sm_52 .. sm_121)
 
 
 def _distinct_sources():
@@ -34,12 +39,36 @@ def test_every_arch_is_covered():
     assert {a for a, _ in SOURCES} == {"sm_52", "sm_90", "sm_100", "sm_121"}
 
 
+def _block_threads(manifest: dict) -> dict[str, int]:
+    """Threads per block of each kernel, its largest over the launches (a block that is an expression,
+    RoPE's head_dim // 2, at the largest head_dim attention supports, 256)."""
+    out: dict[str, int] = {}
+    for launch in manifest["decode_step"]:
+        n = int(evaluate(launch["block"], {"head_dim": 256}))
+        out[launch["kernel"]] = max(n, out.get(launch["kernel"], 0))
+    return out
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize("arch,target", SOURCES, ids=[t for _, t in SOURCES])
-def test_target_compiles(arch, target, tmp_path):
-    cubin = compile_cubin(GENERATED / target / "kernels.cu", arch, tmp_path / "k.cubin")
+def test_target_compiles(arch, target, tmp_path, caplog):
+    """The cubin holds every kernel, and (where nvcc builds it, so ptxas reports its resources) each
+    kernel's registers times its block size fit one SM's register file: otherwise every launch of it
+    fails with 'too many resources requested', on the GPU only. The attention kernel's 512 threads
+    leave it 128 registers, exactly what it uses; its launch bound keeps it there."""
+    via_nvcc = toolchains_for(arch).startswith("nvcc")
+    with caplog.at_level(logging.DEBUG, logger="codegen.compile"):
+        cubin = compile_cubin(GENERATED / target / "kernels.cu", arch, tmp_path / "k.cubin",
+                              options=("-Xptxas", "-v") if via_nvcc else ())
     data = cubin.read_bytes()
     assert data[:4] == b"\x7fELF"
     manifest = json.loads((GENERATED / target / "manifest.json").read_text())
     for k in manifest["kernels"]:
         assert k["name"].encode() in data, f"{k['name']} missing from the {arch} cubin of {target}"
+    if not via_nvcc:
+        return
+    used = dict(re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", caplog.text, re.S))
+    threads = _block_threads(manifest)
+    assert set(used) == set(threads), f"ptxas reported {sorted(used)}"
+    for name, n in threads.items():
+        assert int(used[name]) * n <= REGISTER_FILE, f"{name}: {used[name]} registers x {n} threads > {REGISTER_FILE}"
