@@ -40,6 +40,9 @@ class KernelFamily:
     # blocks than `grid` (one full wave of the GPU) and each warp then streams several rows.
     grid_stride: bool = False
     workspace: str = "0"        # bytes of the WORKSPACE parameter (expression over the kernel's int args)
+    # upper bounds on int arguments that the CUDA template sizes arrays by at compile time; the runtime
+    # refuses a model beyond one before launching (the reference backend has no such bound)
+    limits: tuple[tuple[str, int], ...] = ()
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
@@ -68,6 +71,7 @@ def field_short(key: str) -> str:
 WARPS = 8          # warps per block of the row-parallel kernels: one warp per output row (or rope pair)
 ATTN_SPLIT = 512   # KV positions per attention block: longer contexts spread over more blocks (flash-decoding)
 ATTN_THREADS = 512  # threads per attention block (16 warps)
+ATTN_MAX_HEAD_DIM = 256  # attention's per-block arrays (q, each warp's output) hold this many dims
 _GEMV = (Param("w", "in", "w"), Param("scale", "in", "s", scale_of="w"))
 _NORM_IN = (Param("x", "in", "x"), Param("gamma", "in", "g"))
 _MAIN = ("compute", "accumulate")
@@ -96,7 +100,8 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                   Param("pos", "index_in"), Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"),
                   Param("max_seq", "int"), Param("work", WORKSPACE)),
                  {"": _MAIN}, f"n_heads * cdiv(max_seq, {ATTN_SPLIT})", f"{ATTN_THREADS}",
-                 workspace=f"n_heads * cdiv(max_seq, {ATTN_SPLIT}) * (head_dim + 2) * 4 + n_heads * 4"),
+                 workspace=f"n_heads * cdiv(max_seq, {ATTN_SPLIT}) * (head_dim + 2) * 4 + n_heads * 4",
+                 limits=(("head_dim", ATTN_MAX_HEAD_DIM),)),
     KernelFamily("silu_mul",
                  (Param("gate", "in", "g"), Param("up", "in", "u"), Param("y", "out", "y"), Param("n", "int")),
                  {"": ("compute",)}, "cdiv(n, 256)", "256"),

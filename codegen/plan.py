@@ -71,6 +71,7 @@ class Launch:
     smem: str                     # dynamic shared memory bytes (expression)
     grid_stride: bool             # any grid up to `grid` is correct (the runtime may use one wave)
     workspace: str = "0"          # bytes of the kernel's scratch (its WORKSPACE parameter), expression
+    limits: tuple[tuple[str, int], ...] = ()   # the CUDA template's bounds on int arguments (KernelFamily.limits)
 
 
 @dataclass
@@ -200,7 +201,7 @@ def _resolve_launches(plan: Plan) -> None:
         plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes))
         smem = "0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * 4"
         plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block, smem, fam.grid_stride,
-                                   fam.workspace))
+                                   fam.workspace, fam.limits))
 
 
 def instance_name(fam: KernelFamily, dtypes: dict[str, str]) -> str:

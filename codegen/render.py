@@ -12,7 +12,7 @@ from pathlib import Path
 import jinja2
 
 from .dtypes import ARITH_DTYPES
-from .kernels import ATTN_SPLIT, ATTN_THREADS
+from .kernels import ATTN_MAX_HEAD_DIM, ATTN_SPLIT, ATTN_THREADS
 from .plan import Plan
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -57,7 +57,7 @@ def render_kernels(plan: Plan, digest: str) -> str:
         pdl=bool(plan.device.capabilities.get("programmatic_dependent_launch")), tuning=plan.device.tuning,
         kernels=sorted(plan.kernels.values(), key=lambda k: k.name),
         dtypes_used=sorted(used), arith_used=sorted(arith & set(ARITH_DTYPES)), attn_split=ATTN_SPLIT,
-        attn_threads=ATTN_THREADS)
+        attn_threads=ATTN_THREADS, attn_max_head_dim=ATTN_MAX_HEAD_DIM)
 
 
 def manifest(plan: Plan, digest: str) -> dict:
@@ -82,7 +82,8 @@ def manifest(plan: Plan, digest: str) -> dict:
         "decode_step": [
             {"op": l.op, "kernel": l.kernel, "per_layer": l.per_layer, "grid": l.grid, "block": l.block, "smem": l.smem,
              "grid_stride": l.grid_stride,
-             **({"workspace": l.workspace} if l.workspace != "0" else {}), "args": l.args}
+             **({"workspace": l.workspace} if l.workspace != "0" else {}),
+             **({"limits": dict(l.limits)} if l.limits and plan.device.kind == "cuda" else {}), "args": l.args}
             for l in plan.launches
         ],
     }

@@ -104,7 +104,19 @@ def _schedule(decode_step: list[dict], n_layers: int):
             yield launch, None
 
 
+def _check_limits(manifest: dict, env: dict) -> None:
+    """A model beyond a kernel's limits (sizes its CUDA template fixes at compile time) is refused by
+    name, before any buffer is looked at: it is the model's size, not a stale file, that is wrong."""
+    for launch in manifest["decode_step"]:
+        for name, most in launch.get("limits", {}).items():
+            value = evaluate(next(a["value"] for a in launch["args"] if a["param"] == name), env)
+            if value > most:
+                raise BindError(f"kernel {launch['kernel']} (op {launch['op']}): {name} = {value} exceeds {most}, the "
+                                f"most its CUDA template supports; this model runs on the reference backend (--backend cpu)")
+
+
 def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundLaunch]:
+    _check_limits(manifest, env)
     kernels = {k["name"]: k for k in manifest["kernels"]}
     out = []
     for launch, i in _schedule(manifest["decode_step"], env["n_layers"]):

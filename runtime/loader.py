@@ -169,10 +169,12 @@ def load_checkpoint(model_dir: Path | str) -> Checkpoint:
 
 def check_llama_config(env: dict, config: dict, config_path: Path) -> None:
     """What the Llama decoder assumes of a config beyond each symbol being a positive int:
-    grouped-query attention needs whole groups, and a derived head_dim needs an exact split."""
+    grouped-query attention needs whole groups, RoPE an even head_dim, and a derived head_dim an exact split."""
     if env["n_heads"] % env["n_kv_heads"]:
         raise ConfigError(f"{config_path}: num_attention_heads ({env['n_heads']}) is not a multiple of "
                           f"num_key_value_heads ({env['n_kv_heads']}); grouped-query attention needs whole groups")
+    if env["head_dim"] % 2:
+        raise ConfigError(f"{config_path}: head_dim is {env['head_dim']}; RoPE rotates pairs of dims, so it must be even")
     if config.get("head_dim") is None and env["hidden"] % env["n_heads"]:
         raise ConfigError(f"{config_path}: hidden_size ({env['hidden']}) is not divisible by num_attention_heads "
                           f"({env['n_heads']}) and no head_dim is given, so head_dim = hidden // n_heads "

@@ -93,3 +93,19 @@ def test_reference_backend_refuses_tampered_manifest(packed):
     next(a for a in _gemv(m, "lm_head")["args"] if a["param"] == "w")["dtype"] = "f32"
     with pytest.raises(BindError):
         ReferenceBackend(m, p)
+
+
+def test_model_beyond_a_kernels_limit_is_refused_before_binding(packed):
+    """Attention's CUDA template sizes its per-block arrays for head_dim <= 256; a larger head_dim
+    would overrun them silently, so binding refuses it by name (the reference backend has no limit,
+    and the reference targets' manifests carry none)."""
+    t, p = packed
+    limits = [l["limits"] for l in t.manifest["decode_step"] if "limits" in l]
+    assert limits == [{"head_dim": 256}]
+    table = buffer_table(t.manifest, p.env, p.arrays)
+    with pytest.raises(BindError, match=r"kernel attention_\w+ \(op attention\): head_dim = 512 exceeds 256, the most its "
+                                         r"CUDA template supports; .*--backend cpu"):
+        bind(t.manifest, {**p.env, "head_dim": 512}, table)
+    ref = load_target(find_target("reference", "f16", "separate"))
+    assert not any("limits" in l for l in ref.manifest["decode_step"])
+

@@ -252,6 +252,7 @@ def test_model_env_defaults_in_dependency_order_and_max_seq_cap(tiny):
     ({"num_hidden_layers": 0}, r"num_hidden_layers \(symbol n_layers\) must be a positive int, found 0"),
     ({"num_attention_heads": 100, "head_dim": ...},
      r"head_dim is absent and its default hidden // n_heads gives 0; symbol head_dim must be a positive int"),
+    ({"head_dim": 15}, r"head_dim is 15; RoPE rotates pairs of dims, so it must be even"),
     ({"num_attention_heads": 4, "num_key_value_heads": 3},
      r"num_attention_heads \(4\) is not a multiple of num_key_value_heads \(3\)"),
     ({"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": ...},
