@@ -254,7 +254,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=("hf",), help="also time Hugging Face transformers on the same weights")
     p.add_argument("--timeline", action="store_true",
                    help="also replay the step with kernels that stamp the GPU clock (-DDTF_TRACE): per launch, when "
-                        "its wait released after the previous launch ended and how long it ran after")
+                        "its first block started and its wait released after the previous launch ended, and how "
+                        "long it ran after")
     return ap
 
 

@@ -72,6 +72,11 @@ def _pair(model_dir, policy, layout, max_seq):
     return t, CudaBackend(t, packed, progress=False), ReferenceBackend(t.manifest, packed)
 
 
+def _failures(results) -> str:
+    """The op checks that failed, one per line (empty when every kernel matched its op)."""
+    return "\n".join(f"{r.kernel} ({r.op}): {r.detail}" for r in results if not r.ok)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_each_kernel_matches_reference_op(smol, policy, layout):
@@ -82,8 +87,8 @@ def test_each_kernel_matches_reference_op(smol, policy, layout):
         gpu.close()
     n_grid_stride = len({l.kernel for l in gpu.launches if l.grid_stride})
     assert len(results) == len(t.manifest["kernels"]) + n_grid_stride
-    bad = [r for r in results if not r.ok]
-    assert not bad, "\n".join(f"{r.kernel} ({r.op}): {r.detail}" for r in bad)
+    failed = _failures(results)
+    assert not failed, failed
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -150,8 +155,8 @@ def test_ragged_shapes_match_reference_ops(ragged, policy, layout):
         results = check_target_ops(gpu, ref, seed=5, pos=37)
     finally:
         gpu.close()
-    bad = [r for r in results if not r.ok]
-    assert not bad, "\n".join(f"{r.kernel} ({r.op}): {r.detail}" for r in bad)
+    failed = _failures(results)
+    assert not failed, failed
 
 
 @pytest.mark.parametrize("policy", ["f32", "f16", "bf16", "fp8-e4m3-weights", "f16-storage-f32-compute"])
@@ -163,8 +168,8 @@ def test_wide_hidden_matches_reference_ops(wide, policy):
         results = check_target_ops(gpu, ref, seed=7, pos=37)
     finally:
         gpu.close()
-    bad = [r for r in results if not r.ok]
-    assert not bad, "\n".join(f"{r.kernel} ({r.op}): {r.detail}" for r in bad)
+    failed = _failures(results)
+    assert not failed, failed
 
 
 @pytest.mark.parametrize("policy", ["f32", "f16", "bf16"])
@@ -176,7 +181,7 @@ def test_long_context_attention_splits_match_reference_ops(wide, policy):
     t, gpu, ref = _pair(wide, policy, "fused", max_seq=2048)
     try:
         for pos in (1300, 511, 512, 1300):
-            bad = [r for r in check_target_ops(gpu, ref, seed=pos, pos=pos) if not r.ok]
-            assert not bad, f"pos {pos}: " + "\n".join(f"{r.kernel} ({r.op}): {r.detail}" for r in bad)
+            failed = _failures(check_target_ops(gpu, ref, seed=pos, pos=pos))
+            assert not failed, f"pos {pos}: {failed}"
     finally:
         gpu.close()

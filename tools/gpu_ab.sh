@@ -3,7 +3,7 @@
 # so the device tool carries it) and the current tree, and/or several layouts, interleaved, on the same
 # synthetic models. Run-to-run spread across machines is up to ~5%; within one run it is well under 1%.
 #   usage: OLD=.ab/old POLICY=f16 SHAPES="smollm2-135m llama-3.2-1b" ROUNDS=2 TOKENS=128 tools/gpu_ab.sh
-#          OLD= LAYOUTS="fused fused_attn_o" tools/gpu_ab.sh       (layouts of the current tree only)
+#          OLD= LAYOUTS="fused separate" tools/gpu_ab.sh        (layouts of the current tree only)
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 OLD=${OLD-.ab/old}; POLICY=${POLICY:-f16}; SHAPES=${SHAPES:-smollm2-135m llama-3.2-1b}; LAYOUTS=${LAYOUTS:-fused}
