@@ -13,8 +13,11 @@ from dataclasses import dataclass
 # Parameter kinds. Pointer kinds bind buffers; the scalar kinds "int" and "float" bind expressions.
 # "workspace" is the kernel's own scratch in global memory (KernelFamily.workspace bytes, zeroed at
 # allocation, left zeroed where the kernel keeps counters there): the runtime binds it, not the spec.
+# "prefetch" binds a packed weight the kernel never reads, only asks the L2 to fetch (the next GEMV's,
+# while this kernel leaves the memory system idle); its size in KiB goes to the `bytes_of` int after it.
 PTR_KINDS = ("in", "out", "inout")
 WORKSPACE = "workspace"
+PREFETCH = "prefetch"
 INDEX_KINDS = ("index_in", "index_out", "index_inout")
 
 
@@ -24,6 +27,17 @@ class Param:
     kind: str
     short: str = ""           # letter used in the instance name (pointer params only)
     scale_of: str | None = None  # present only when the weight bound to `scale_of` is quantized
+    kib_of: str | None = None    # bound by the Plan: whole KiB of the weight bound to this PREFETCH param
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A second entry point of a family's template (``<instance>_<suffix>``), same parameters, that the
+    runtime launches instead, with `grid`, when every int argument in `at_most` is within its bound:
+    a special case compiled on its own, so the general kernel's code does not slow it down."""
+    suffix: str
+    at_most: tuple[tuple[str, int], ...]
+    grid: str
 
 
 @dataclass(frozen=True)
@@ -43,14 +57,16 @@ class KernelFamily:
     # upper bounds on int arguments that the CUDA template sizes arrays by at compile time; the runtime
     # refuses a model beyond one before launching (the reference backend has no such bound)
     limits: tuple[tuple[str, int], ...] = ()
+    variants: tuple[Variant, ...] = ()
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
 
     @property
     def spec_params(self) -> tuple[Param, ...]:
-        """Parameters a model spec must bind (scales are bound by the Plan, the workspace by the runtime)."""
-        return tuple(p for p in self.params if p.scale_of is None and p.kind != WORKSPACE)
+        """Parameters a model spec must bind (scales and prefetch sizes are bound by the Plan, the workspace
+        by the runtime)."""
+        return tuple(p for p in self.params if p.scale_of is None and p.kib_of is None and p.kind != WORKSPACE)
 
     @property
     def role_fields(self) -> tuple[str, ...]:
@@ -95,13 +111,18 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  (Param("k", "in", "k"), Param("v", "in", "v"), Param("k_cache", "out", "c"), Param("v_cache", "out", "d"),
                   Param("pos", "index_in"), Param("kv_dim", "int")),
                  {}, "cdiv(kv_dim, 256)", "256"),
-    KernelFamily("attention",           # split-KV: one block per (head, ATTN_SPLIT positions), merged by the last
+    # split-KV: one block per (head, ATTN_SPLIT positions), merged by the last; while it runs, the
+    # memory system is idle but for the o-proj's early loads, so it prefetches the next big weight to L2
+    KernelFamily("attention",
                  (Param("q", "in", "q"), Param("k_cache", "in", "k"), Param("v_cache", "in", "v"), Param("out", "out", "o"),
                   Param("pos", "index_in"), Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"),
-                  Param("max_seq", "int"), Param("work", WORKSPACE)),
+                  Param("max_seq", "int"), Param("work", WORKSPACE), Param("prefetch", PREFETCH),
+                  Param("prefetch_kib", "int", kib_of="prefetch")),
                  {"": _MAIN}, f"n_heads * cdiv(max_seq, {ATTN_SPLIT})", f"{ATTN_THREADS}",
                  workspace=f"n_heads * cdiv(max_seq, {ATTN_SPLIT}) * (head_dim + 2) * 4 + n_heads * 4",
-                 limits=(("head_dim", ATTN_MAX_HEAD_DIM),)),
+                 limits=(("head_dim", ATTN_MAX_HEAD_DIM),),
+                 # a context that fits one split: one block per head, without the split bookkeeping
+                 variants=(Variant("one_split", (("max_seq", ATTN_SPLIT),), "n_heads"),)),
     KernelFamily("silu_mul",
                  (Param("gate", "in", "g"), Param("up", "in", "u"), Param("y", "out", "y"), Param("n", "int")),
                  {"": ("compute",)}, "cdiv(n, 256)", "256"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .dtypes import DTYPES, DType
-from .kernels import FAMILIES, INDEX_KINDS, PTR_KINDS, WORKSPACE, KernelFamily, field_short
+from .kernels import FAMILIES, INDEX_KINDS, PREFETCH, PTR_KINDS, WORKSPACE, KernelFamily, field_short
 from .specs import Device, ModelSpec, Policy, Specs, check_runs_on
 from .yamlsrc import SpecError
 
@@ -72,6 +72,7 @@ class Launch:
     grid_stride: bool             # any grid up to `grid` is correct (the runtime may use one wave)
     workspace: str = "0"          # bytes of the kernel's scratch (its WORKSPACE parameter), expression
     limits: tuple[tuple[str, int], ...] = ()   # the CUDA template's bounds on int arguments (KernelFamily.limits)
+    variants: tuple = ()          # KernelFamily.variants: entry points launched instead when their bounds hold
 
 
 @dataclass
@@ -174,7 +175,19 @@ def _resolve_launches(plan: Plan) -> None:
                 args.append({"param": prm.name, "kind": prm.kind, "buffer": w.scale, "dtype": w.scale_dtype,
                              "shape": [w.shape[0]], "weight": True})
                 continue
+            if prm.kib_of is not None:        # whole KiB of the prefetched weight, from its packed shape
+                w = plan.weights[op.args[prm.kib_of]]
+                n = " * ".join(f"({s})" for s in w.shape)
+                args.append({"param": prm.name, "kind": prm.kind, "value": f"{n} * {DTYPES[w.storage].itemsize} // 1024"})
+                continue
             v = op.args[prm.name]
+            if prm.kind == PREFETCH:            # a hint: any weight of the layout; no dtype in the signature
+                if v not in plan.weights:
+                    raise m.src.error(("decode_step",), v, f"op {op.op} prefetches {v}, which layout {plan.layout} lacks")
+                w = plan.weights[v]
+                args.append({"param": prm.name, "kind": prm.kind, "buffer": w.name, "dtype": w.storage,
+                             "shape": w.shape, "weight": True})
+                continue
             if prm.kind in PTR_KINDS or prm.kind in INDEX_KINDS:
                 base, layer = (v[:-3], True) if v.endswith("[i]") else (v, False)
                 if base in plan.weights:
@@ -201,7 +214,7 @@ def _resolve_launches(plan: Plan) -> None:
         plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes))
         smem = "0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * 4"
         plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block, smem, fam.grid_stride,
-                                   fam.workspace, fam.limits))
+                                   fam.workspace, fam.limits, fam.variants))
 
 
 def instance_name(fam: KernelFamily, dtypes: dict[str, str]) -> str:

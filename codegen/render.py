@@ -83,7 +83,10 @@ def manifest(plan: Plan, digest: str) -> dict:
             {"op": l.op, "kernel": l.kernel, "per_layer": l.per_layer, "grid": l.grid, "block": l.block, "smem": l.smem,
              "grid_stride": l.grid_stride,
              **({"workspace": l.workspace} if l.workspace != "0" else {}),
-             **({"limits": dict(l.limits)} if l.limits and plan.device.kind == "cuda" else {}), "args": l.args}
+             **({"limits": dict(l.limits)} if l.limits and plan.device.kind == "cuda" else {}),
+             **({"variants": [{"kernel": f"{l.kernel}_{v.suffix}", "at_most": dict(v.at_most), "grid": v.grid}
+                              for v in l.variants]} if l.variants and plan.device.kind == "cuda" else {}),
+             "args": l.args}
             for l in plan.launches
         ],
     }

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import expr
 from .dtypes import ARITH_DTYPES, DTYPES, QUANT_SCHEMES, SCALE_DTYPES, STORAGE_DTYPES
-from .kernels import FAMILIES, INDEX_KINDS, PTR_KINDS
+from .kernels import FAMILIES, INDEX_KINDS, PREFETCH, PTR_KINDS
 from .yamlsrc import Source, SpecError, load
 
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -30,7 +30,9 @@ CAPABILITIES = {"native_f16_arith": bool, "native_bf16_arith": bool, "fp8_conver
 # Launch-tuning knobs a device spec may set under `tuning:`; they shape the generated code and its
 # launches, never the numerics. name -> (default, allowed values).
 #   gemv_loads: 16-byte weight loads per lane per batch in the GEMV kernels (two batches in flight)
-TUNING = {"gemv_loads": (8, (2, 4, 8, 16))}
+#   l2_prefetch_kib: KiB of the next GEMV's weight that attention asks the L2 to fetch (0: none; sm_90+)
+TUNING = {"gemv_loads": (8, (2, 4, 8, 16)), "l2_prefetch_kib": (0, (0, 1024, 2048, 4096, 8192, 16384, 32768))}
+PREFETCH_MIN_ARCH = 90   # cp.async.bulk.prefetch.L2
 CONFIG_TYPES = {"int": int, "float": float, "bool": bool}
 
 
@@ -276,6 +278,11 @@ def load_model(path: Path) -> ModelSpec:
                 if m.group(2) and not od.get("per_layer"):
                     raise src.error(ap, v, "[i] slices only make sense in per_layer ops")
                 args[prm.name] = str(v)
+            elif prm.kind == PREFETCH:
+                if not isinstance(v, str) or v not in weights:
+                    raise src.error(ap, v, f"parameter {prm.name} names a packed weight the kernel prefetches to L2; "
+                                    + _allowed(list(weights)))
+                args[prm.name] = v
             else:
                 syms = ints + floats if prm.kind == "float" else ints
                 args[prm.name] = _expr(src, ap, v, syms)
@@ -418,6 +425,10 @@ def load_device(path: Path) -> Device:
     for k, v in tuning.items():
         if v not in TUNING[k][1]:
             raise src.error(("tuning", k), v, _allowed(TUNING[k][1]))
+    if tuning.get("l2_prefetch_kib", 0) and (d["kind"] != "cuda" or int(re.match(r"sm_(\d+)", d["arch"]).group(1)) < PREFETCH_MIN_ARCH):
+        raise src.error(("tuning", "l2_prefetch_kib"), tuning["l2_prefetch_kib"],
+                        f"L2 prefetch (cp.async.bulk.prefetch) needs sm_{PREFETCH_MIN_ARCH} or newer; "
+                        f"{d.get('arch', 'a cpu device')} allows only 0")
     return Device(d["name"], d["kind"], d.get("arch"), d["default_policy"], d["capabilities"],
                   d.get("memory_gb"), d.get("bandwidth_gbs"), d.get("gpu_names", []),
                   {k: tuning.get(k, default) for k, (default, _) in TUNING.items()}, src)

@@ -41,11 +41,12 @@ class BenchResult:
 
 def weight_bytes_per_token(launches: list[BoundLaunch], table) -> int:
     """Bytes of weights one decode step reads: every weight a launch binds, once per launch;
-    the embedding gather reads one row of its table."""
+    the embedding gather reads one row of its table. A prefetch hint is not a read (the GEMV that
+    reads that weight counts it)."""
     total = 0
     for l in launches:
         for a in l.args:
-            if a.buffer is None or not table[a.buffer].weight:
+            if a.buffer is None or not table[a.buffer].weight or a.kind == "prefetch":
                 continue
             info = table[a.buffer]
             if l.template == "embedding_gather":

@@ -145,7 +145,9 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundL
             info = table.get(name)
             if info is None:
                 raise BindError(f"{where}: buffer {name} was never packed or allocated")
-            want_dtype = declared[a["param"]].get("dtype", INDEX)
+            # a prefetch hint's parameter is untyped (the kernel never reads it): the buffer must still be
+            # the weight the Plan sized its prefetch_kib argument from
+            want_dtype = a["dtype"] if a["kind"] == "prefetch" else declared[a["param"]].get("dtype", INDEX)
             if a["dtype"] != want_dtype:
                 raise BindError(f"{where}: the launch declares dtype {a['dtype']} but the kernel's parameter is {want_dtype}")
             shape = tuple(evaluate(s, env) for s in a["shape"])
@@ -159,8 +161,13 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundL
                                 f"{info.dtype}{list(found_shape)}")
             args.append(Arg(a["param"], a["kind"], buffer=name, offset=offset, shape=shape))
         ev = {**env, **scalars}
-        out.append(BoundLaunch(launch["op"], i, kern["name"], kern["template"], dtypes, tuple(args),
-                               _dim3(evaluate(launch["grid"], ev)), _dim3(evaluate(launch["block"], ev)),
+        name, grid = kern["name"], launch["grid"]
+        for v in launch.get("variants", []):     # the first entry point whose bounds hold replaces the kernel
+            if all(scalars[p] <= most for p, most in v["at_most"].items()):
+                name, grid = v["kernel"], v["grid"]
+                break
+        out.append(BoundLaunch(launch["op"], i, name, kern["template"], dtypes, tuple(args),
+                               _dim3(evaluate(grid, ev)), _dim3(evaluate(launch["block"], ev)),
                                int(evaluate(launch["smem"], ev)), bool(launch.get("grid_stride", False)),
                                int(evaluate(launch.get("workspace", "0"), ev))))
     return out

@@ -109,3 +109,17 @@ def test_model_beyond_a_kernels_limit_is_refused_before_binding(packed):
     ref = load_target(find_target("reference", "f16", "separate"))
     assert not any("limits" in l for l in ref.manifest["decode_step"])
 
+
+
+def test_attention_launches_its_one_split_entry_point_exactly_when_the_context_fits_one_split(tiny):
+    """The manifest offers attention's `_one_split` entry point for max_seq <= 512; binding launches it
+    (one block per head) up to that bound and the split kernel (a block per head and split) past it."""
+    t = load_target(find_target("h100", "f16", "fused"))
+    for max_seq, suffix, blocks_per_head in ((512, "_one_split", 1), (513, "", 2), (64, "_one_split", 1)):
+        p = pack_weights(t, tiny, max_seq=max_seq, progress=False)
+        env = {**p.env, "max_seq": max_seq}
+        att = [l for l in bind(t.manifest, env, buffer_table(t.manifest, env, p.arrays)) if l.template == "attention"]
+        assert att and all(l.kernel == f"attention_qf16_kf16_vf16_of16_cf32_af32{suffix}" for l in att), max_seq
+        assert all(l.grid[0] == env["n_heads"] * blocks_per_head for l in att), max_seq
+    ref = load_target(find_target("reference", "f16", "fused"))
+    assert not any("variants" in l for l in ref.manifest["decode_step"])

@@ -45,7 +45,8 @@ def _block_threads(manifest: dict) -> dict[str, int]:
     out: dict[str, int] = {}
     for launch in manifest["decode_step"]:
         n = int(evaluate(launch["block"], {"head_dim": 256}))
-        out[launch["kernel"]] = max(n, out.get(launch["kernel"], 0))
+        for name in [launch["kernel"]] + [v["kernel"] for v in launch.get("variants", [])]:
+            out[name] = max(n, out.get(name, 0))
     return out
 
 
@@ -63,12 +64,12 @@ def test_target_compiles(arch, target, tmp_path, caplog):
     data = cubin.read_bytes()
     assert data[:4] == b"\x7fELF"
     manifest = json.loads((GENERATED / target / "manifest.json").read_text())
-    for k in manifest["kernels"]:
-        assert k["name"].encode() in data, f"{k['name']} missing from the {arch} cubin of {target}"
+    threads = _block_threads(manifest)      # every kernel and variant entry point a launch may use
+    for name in threads:
+        assert name.encode() in data, f"{name} missing from the {arch} cubin of {target}"
     if not via_nvcc:
         return
     used = dict(re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", caplog.text, re.S))
-    threads = _block_threads(manifest)
     assert set(used) == set(threads), f"ptxas reported {sorted(used)}"
     for name, n in threads.items():
         assert int(used[name]) * n <= REGISTER_FILE, f"{name}: {used[name]} registers x {n} threads > {REGISTER_FILE}"

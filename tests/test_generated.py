@@ -62,17 +62,18 @@ def test_kernel_names_spell_every_dtype_and_are_unique():
             continue
         cu = (GENERATED / plan.target / "kernels.cu").read_text()
         defined = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(', cu)
-        assert len(defined) == len(set(defined)) == len(plan.kernels), plan.target
-        for k in plan.kernels.values():
-            assert k.name in defined
+        entries = [(k, n) for k in plan.kernels.values() for n in [k.name] + [f"{k.name}_{v.suffix}" for v in k.family.variants]]
+        assert len(defined) == len(set(defined)) == len(entries), plan.target
+        for k, name in entries:
+            assert name in defined
             for prm in k.family.params:
                 if prm.name in k.dtypes:
                     assert f"_{prm.short}{k.dtypes[prm.name]}" in k.name, (k.name, prm.name)
-            # the C signature uses exactly the declared C types
-            sig = re.search(rf"void (?:__launch_bounds__\([^)]*\) )?{k.name}\((.*?)\)", cu, re.S).group(1)
+            # the C signature (a variant's too) uses exactly the declared C types
+            sig = re.search(rf"void (?:__launch_bounds__\([^)]*\) )?{name}\((.*?)\)", cu, re.S).group(1)
             for prm in k.family.params:
                 if prm.name in k.dtypes:
-                    assert f"{DTYPES[k.dtypes[prm.name]].ctype}* __restrict__ {prm.name}" in sig, (k.name, prm.name, sig)
+                    assert f"{DTYPES[k.dtypes[prm.name]].ctype}* __restrict__ {prm.name}" in sig, (name, prm.name, sig)
 
 
 def test_launch_sequence_matches_the_policy():

@@ -144,15 +144,17 @@ def test_gpu_name_selects_a_device_spec():
     assert any(g.lower() in gpu_name().lower() for g in SPECS.devices[DEVICE].gpu_names)
 
 
+@pytest.mark.parametrize("max_seq,pos", [(64, 37), (1024, 700)])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("policy", ["f32", "f16", "fp8-e4m3-weights"])
-def test_ragged_shapes_match_reference_ops(ragged, policy, layout):
+def test_ragged_shapes_match_reference_ops(ragged, policy, layout, max_seq, pos):
     """hidden 72, intermediate 100, head_dim 24: fp8 rows (72 B) and the f16 down projection (100
     columns) are not whole 16-byte vectors and head_dim 24 is below attention's vector path, so the
-    GEMVs' scalar loads and the general attention path run; every kernel must still match its op."""
-    t, gpu, ref = _pair(ragged, policy, layout, max_seq=64)
+    GEMVs' scalar loads and the general attention path run, in the one-split attention kernel
+    (max_seq 64) and in the split one (1024); every kernel must still match its op."""
+    t, gpu, ref = _pair(ragged, policy, layout, max_seq=max_seq)
     try:
-        results = check_target_ops(gpu, ref, seed=5, pos=37)
+        results = check_target_ops(gpu, ref, seed=5, pos=pos)
     finally:
         gpu.close()
     failed = _failures(results)

@@ -12,6 +12,7 @@ distinct table is packed once and every target using it is checked against that 
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 
 import pytest
@@ -58,7 +59,14 @@ def test_weight_arguments_name_packed_buffers_of_the_same_dtype_and_shape(name):
         assert arg["buffer"] in bufs, f"{where} binds {arg['buffer']}, which packing.json does not pack"
         b = bufs[arg["buffer"]]
         assert (arg["dtype"], arg["shape"]) == (b["dtype"], b["shape"]), where
-        assert kernels[launch["kernel"]][arg["param"]]["dtype"] == arg["dtype"], f"{where}: kernel signature differs"
+        if arg["kind"] == "prefetch":            # an untyped L2 hint: sized by the Plan from this buffer
+            assert "dtype" not in kernels[launch["kernel"]][arg["param"]], where
+            env = {sym: 1000 + 37 * n for n, sym in enumerate(t.manifest["config"])}   # any model size
+            kib = next(a for a in launch["args"] if a["param"] == f"{arg['param']}_kib")["value"]
+            nbytes = math.prod(evaluate(s, env) for s in b["shape"]) * DTYPES[b["dtype"]].itemsize
+            assert evaluate(kib, env) == nbytes // 1024, where
+        else:
+            assert kernels[launch["kernel"]][arg["param"]]["dtype"] == arg["dtype"], f"{where}: kernel signature differs"
         assert b["per_layer"] == ("{i}" in arg["buffer"]) and (launch["per_layer"] or not b["per_layer"]), where
         used.add(arg["buffer"])
     assert used == set(bufs), f"{name}: packed but never launched: {sorted(set(bufs) - used)}"
