@@ -144,6 +144,8 @@ def test_device_tuning_reaches_the_kernels_and_compiles(tmp_path):
     cu = out / "h100.fp8-e4m3-weights.fused" / "kernels.cu"
     assert "#define DTF_GEMV_LOADS 4\n" in cu.read_text()
     assert "#define DTF_GEMV_LOADS 8\n" in (GENERATED / "h100.fp8-e4m3-weights.fused" / "kernels.cu").read_text()
+    assert "#define DTF_L2_PREFETCH_KIB 4096\n" in cu.read_text()     # h100's; h200's is still 0
+    assert "#define DTF_L2_PREFETCH_KIB 0\n" in (GENERATED / "h200.f16.fused" / "kernels.cu").read_text()
     assert compile_cubin(cu, "sm_90").stat().st_size > 0
 
 

@@ -265,6 +265,20 @@ def test_device_tuning_is_validated(specs_dir, capsys, text, key, message):
     assert_spec_error(*run_cli(specs_dir, capsys), f, line + (message == "unknown key"), key, message)
 
 
+@pytest.mark.parametrize("spec, old, new, key, message", [
+    ("devices/m40.yaml", "  gemv_loads: 8\n", "  l2_prefetch_kib: 4096\n  gemv_loads: 8\n", "tuning.l2_prefetch_kib",
+     "needs sm_90 or newer"),
+    ("devices/h100.yaml", "  l2_prefetch_kib: 4096\n", "  l2_prefetch_kib: 5000\n", "tuning.l2_prefetch_kib", "allowed: 0, 1024"),
+    ("models/llama.yaml", "prefetch: wgate_up}}", "prefetch: attn}}", "prefetch", "names a packed weight"),
+])
+def test_l2_prefetch_values_are_validated(specs_dir, capsys, spec, old, new, key, message):
+    """cp.async.bulk.prefetch is sm_90+ and its size one of the listed; the attention op's `prefetch`
+    names what it asks the L2 for, a packed weight (a buffer is refused)."""
+    f = specs_dir / spec
+    line = edit(f, old, new)
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, key, message)
+
+
 def test_spec_error_is_a_one_line_message_not_a_traceback(specs_dir, capsys):
     f = specs_dir / "policies/f16.yaml"
     edit(f, "v_proj:      {storage: f16,", "v_proj:      {storage: 16,")
