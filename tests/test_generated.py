@@ -175,3 +175,13 @@ def test_attention_workspace_and_grid_grow_with_the_context(tmp_path):
     assert [w for _, w in seen.values()] == [heads * (s * floats + 1) * 4 for s in (1, 2, 4)]
     fam = next(k for k in t.manifest["kernels"] if k["template"] == "attention")
     assert "work" in [p["name"] for p in fam["params"]]
+
+
+def test_kernel_bounds_name_int_parameters_of_their_family():
+    """`limits` and a variant's `at_most` are checked against a launch's evaluated int arguments at
+    bind time, so each name must be one of the family's int parameters (not a typo found on a GPU)."""
+    from codegen.kernels import FAMILIES
+    for fam in FAMILIES.values():
+        ints = {p.name for p in fam.params if p.kind == "int"}
+        names = [n for n, _ in fam.limits] + [n for v in fam.variants for n, _ in v.at_most]
+        assert set(names) <= ints, (fam.template, names)
