@@ -29,12 +29,20 @@ def _r(a, dtype: str) -> np.ndarray:
 def _dot(a: np.ndarray, b: np.ndarray, acc: str) -> np.ndarray:
     """a @ b with operands already in the compute dtype: exact products, summed in ``acc``.
 
-    f16/bf16 products are exact in f32, so for an f32 accumulator this is a float32 matmul
-    (fused multiply-adds, like the kernels' fmaf); narrower accumulators are summed exactly
-    and rounded once."""
-    if acc == "f32":
-        return a @ b
-    return _r((a.astype(np.float64) @ b.astype(np.float64)).astype(F32), acc)
+    Products of f32 operands (so of f16/bf16 ones too) are exact in float64, and their float64 sum
+    is, to far below an f32 ulp, the exact sum: rounded once to ``acc`` it is the same on every
+    machine, whatever order the BLAS sums in. A float32 matmul's result depends on the BLAS kernel
+    numpy picks for the CPU, and that flipped a near-tie greedy token of the bf16 policy between two
+    machines. The kernels' f32 sums differ from this by their summation order, within the op checks'
+    bounds."""
+    s = np.asarray(a, dtype=np.float64) @ np.asarray(b, dtype=np.float64)
+    return _r(s.astype(F32), acc)
+
+
+def _f32_of(fn, x) -> np.ndarray:
+    """numpy's ``fn`` evaluated in float64, rounded to float32: the same bits on every CPU (numpy's
+    float32 exp/sin/cos/power run SIMD code chosen by the CPU, whose last bits differ)."""
+    return np.asarray(fn(np.asarray(x, dtype=np.float64)), dtype=np.float64).astype(F32)
 
 
 # ---- one function per kernel family; `d` maps pointer params / role fields to dtype names ----
@@ -63,9 +71,9 @@ def rope(a, d):
     c, hd = d["compute"], a["head_dim"]
     half = hd // 2
     j = np.arange(half, dtype=F32)
-    inv_freq = F32(1.0) / np.power(F32(a["theta"]), (F32(2.0) * j) / F32(hd), dtype=F32)
+    inv_freq = F32(1.0) / _f32_of(lambda e: np.power(np.float64(F32(a["theta"])), e), (F32(2.0) * j) / F32(hd))
     ang = F32(a["pos"][0]) * inv_freq
-    cc, sc = _r(np.cos(ang, dtype=F32), c), _r(np.sin(ang, dtype=F32), c)
+    cc, sc = _r(_f32_of(np.cos, ang), c), _r(_f32_of(np.sin, ang), c)
     for name, heads in (("q", a["n_heads"]), ("k", a["n_kv_heads"])):
         v = a[name].reshape(heads, hd)
         x1, x2 = _r(v[:, :half], c), _r(v[:, half:], c)
@@ -93,15 +101,15 @@ def attention(a, d):
     for h in range(nh):
         kh, vh = k[:, h // group], v[:, h // group]
         s = _dot(kh, q[h], acc) * scale
-        p = np.exp(s - s.max(), dtype=F32)
+        p = _f32_of(np.exp, s - s.max())
         o = _dot(_r(p, c), vh, acc)
-        out[h] = _r(o / p.sum(dtype=F32), d["out"])
+        out[h] = _r(o / F32(p.sum(dtype=np.float64)), d["out"])
 
 
 def silu_mul(a, d):
     c = d["compute"]
     g = _r(a["gate"], c)
-    s = _r(g / (F32(1.0) + np.exp(-g, dtype=F32)), c)
+    s = _r(g / (F32(1.0) + _f32_of(np.exp, -g)), c)
     a["y"][:] = _r(_r(s * _r(a["up"], c), c), d["y"])
 
 
@@ -189,8 +197,8 @@ class ReferenceBackend:
         if "w" in args:                               # weights rounded to the compute dtype once
             w = next(a.buffer for a in launch.args if a.param == "w")
             key = (w, launch.dtypes["compute"])
-            if key not in self._rounded:
-                self._rounded[key] = _r(args["w"], launch.dtypes["compute"])
+            if key not in self._rounded:             # held as float64, exactly, for _dot
+                self._rounded[key] = _r(args["w"], launch.dtypes["compute"]).astype(np.float64)
             args["w"] = self._rounded[key]
         return args
 
