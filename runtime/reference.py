@@ -42,7 +42,7 @@ def _dot(a: np.ndarray, b: np.ndarray, acc: str) -> np.ndarray:
 def _f32_of(fn, x) -> np.ndarray:
     """numpy's ``fn`` evaluated in float64, rounded to float32: the same bits on every CPU (numpy's
     float32 exp/sin/cos/power run SIMD code chosen by the CPU, whose last bits differ)."""
-    return np.asarray(fn(np.asarray(x, dtype=np.float64)), dtype=np.float64).astype(F32)
+    return fn(np.asarray(x, dtype=np.float64)).astype(F32)
 
 
 # ---- one function per kernel family; `d` maps pointer params / role fields to dtype names ----
@@ -93,8 +93,9 @@ def attention(a, d):
     nh, nkv, hd = a["n_heads"], a["n_kv_heads"], a["head_dim"]
     seq = int(a["pos"][0]) + 1
     q = _r(a["q"].reshape(nh, hd), c)
-    k = _r(a["k_cache"][:seq].reshape(seq, nkv, hd), c)
-    v = _r(a["v_cache"][:seq].reshape(seq, nkv, hd), c)
+    # K and V widened to float64 (exactly) once, not per head in _dot: a group of heads shares them
+    k = _r(a["k_cache"][:seq].reshape(seq, nkv, hd), c).astype(np.float64)
+    v = _r(a["v_cache"][:seq].reshape(seq, nkv, hd), c).astype(np.float64)
     group = nh // nkv
     out = a["out"].reshape(nh, hd)
     scale = F32(1.0) / np.sqrt(F32(hd), dtype=F32)

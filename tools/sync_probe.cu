@@ -62,6 +62,8 @@ __global__ void barrier_kernel(int* buf, int G, int N, unsigned* counter) {
   }
 }
 
+static void (*const STAGE_KERNELS[3])(int*, int, int, unsigned*) = {stage_kernel<0>, stage_kernel<1>, stage_kernel<2>};
+
 static float run(int mode, int G, int N, int reps, cudaStream_t st, int* buf, unsigned* counter) {
   cudaGraph_t graph;
   cudaGraphExec_t exec;
@@ -77,9 +79,7 @@ static float run(int mode, int G, int N, int reps, cudaStream_t st, int* buf, un
       attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
       attr[0].val.programmaticStreamSerializationAllowed = 1;
       cfg.attrs = attr; cfg.numAttrs = (mode >= 1 && s > 0) ? 1 : 0;
-      if (mode == 0) CK(cudaLaunchKernelEx(&cfg, stage_kernel<0>, buf, G, s, counter));
-      if (mode == 1) CK(cudaLaunchKernelEx(&cfg, stage_kernel<1>, buf, G, s, counter));
-      if (mode == 2) CK(cudaLaunchKernelEx(&cfg, stage_kernel<2>, buf, G, s, counter));
+      CK(cudaLaunchKernelEx(&cfg, STAGE_KERNELS[mode], buf, G, s, counter));
     }
   }
   CK(cudaStreamEndCapture(st, &graph));
@@ -98,6 +98,7 @@ static float run(int mode, int G, int N, int reps, cudaStream_t st, int* buf, un
   CK(cudaMemcpy(host.data(), buf + ((N - 1) & 1) * G, G * sizeof(int), cudaMemcpyDeviceToHost));
   for (int i = 0; i < G; ++i)
     if (host[i] != N) { std::fprintf(stderr, "mode %d G %d: block %d holds %d, want %d\n", mode, G, i, host[i], N); std::exit(2); }
+  CK(cudaEventDestroy(a)); CK(cudaEventDestroy(b));
   CK(cudaGraphExecDestroy(exec)); CK(cudaGraphDestroy(graph));
   return ms * 1000.0f / (reps * N);
 }
