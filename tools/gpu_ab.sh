@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A/B in one GPU run: bench a baseline tree (e.g. `git archive HEAD~1 | tar -x -C .ab/old`, untracked,
+# A/B in one GPU run: bench a baseline tree (`tools/ab_tree.sh old HEAD~1` makes .ab/old; untracked,
 # so the device tool carries it) and the current tree, and/or several layouts, interleaved, on the same
 # synthetic models. Run-to-run spread across machines is up to ~5%; within one run it is well under 1%.
 #   usage: OLD=.ab/old POLICY=f16 SHAPES="smollm2-135m llama-3.2-1b" ROUNDS=2 TOKENS=128 tools/gpu_ab.sh

@@ -1,0 +1,39 @@
+"""The developer tools the GPU workflow depends on (tools/), checked where CI can run them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = Path("generated") / "h200.f16.fused" / "kernels.cu"
+MARK = "// ab_tree test marker"
+
+
+def _ab_tree(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AB_DIR": str(tmp_path), "PYTHON": sys.executable}
+    return subprocess.run([str(ROOT / "tools" / "ab_tree.sh"), *args], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def test_ab_tree_renders_with_the_trees_own_templates(tmp_path: Path) -> None:
+    """An A/B tree is a git ref's files, rebuilt by that tree's codegen, not the checkout's (whose
+    editable install would otherwise render the checkout's templates into it)."""
+    made = _ab_tree(tmp_path, "t", "HEAD")
+    assert made.returncode == 0, made.stderr
+    tree = tmp_path / "t"
+    committed = subprocess.run(["git", "show", f"HEAD:{KERNELS.as_posix()}"], capture_output=True, text=True, cwd=ROOT)
+    assert (tree / KERNELS).read_text() == committed.stdout
+    template = tree / "templates" / "argmax.cu.j2"
+    template.write_text(MARK + "\n" + template.read_text())
+    rebuilt = _ab_tree(tmp_path, "t", "--build")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert MARK in (tree / KERNELS).read_text()
+    assert MARK not in (ROOT / KERNELS).read_text()
+
+
+def test_ab_tree_names_a_missing_ref(tmp_path: Path) -> None:
+    done = _ab_tree(tmp_path, "t", "no-such-ref")
+    assert done.returncode == 2
+    assert "no commit 'no-such-ref'" in done.stderr
+    assert not (tmp_path / "t").exists()
