@@ -38,6 +38,16 @@ class BenchResult:
     def roofline_fraction(self) -> float:
         return self.gbs / self.copy_gbs
 
+    @property
+    def beyond_bytes_ms(self) -> float:
+        """The step's time beyond its weight bytes at the copy rate: what is not bandwidth (launch
+        boundaries, the latency after each wait, attention), the part that fusion has to remove."""
+        return self.ms_per_token - self.weight_bytes / (self.copy_gbs * 1e9) * 1e3
+
+    @property
+    def launches(self) -> int:
+        return sum(n for _, n, _ in self.profile)
+
 
 def weight_bytes_per_token(launches: list[BoundLaunch], table) -> int:
     """Bytes of weights one decode step reads: every weight a launch binds, once per launch;
@@ -252,6 +262,9 @@ def print_result(r: BenchResult, out=sys.stdout, top: int = 12) -> None:
     p(f"  decode, graph replay:   {r.ms_per_token:8.3f} ms/token  {1e3 / r.ms_per_token:8.1f} tokens/s  "
       f"{r.gbs:8.1f} GB/s  = {100 * r.roofline_fraction:5.1f}% of copy bandwidth")
     p(f"  decode, host per token: {r.ms_per_token_host:8.3f} ms/token  {1e3 / r.ms_per_token_host:8.1f} tokens/s")
+    if r.launches:
+        p(f"  beyond the bytes:       {r.beyond_bytes_ms:8.3f} ms/token over {r.launches} launches, "
+          f"{1e3 * r.beyond_bytes_ms / r.launches:.2f} us each (graph replay minus the weight bytes at the copy bandwidth)")
     total = sum(t for _, _, t in r.profile)
     p(f"  per-kernel profile (eager launches with events, {total:.3f} ms/token in kernels):")
     for name, n, t in r.profile[:top]:

@@ -70,7 +70,8 @@ def test_compile_cache_key_changes_with_the_source(tmp_path, monkeypatch):
 
 def test_bench_report_states_each_ops_share_and_its_bandwidth_efficiency():
     """The in-graph profile line of an op: its ms, share of the step, time per launch and its weight
-    bytes at the copy bandwidth as a fraction of that time (33.55 MB at 4270 GB/s = 7.86 us of 11.72)."""
+    bytes at the copy bandwidth as a fraction of that time (33.55 MB at 4270 GB/s = 7.86 us of 11.72);
+    and the step's time beyond its bytes at the copy rate, per launch."""
     import io
     from runtime.bench import BenchResult, print_result
     r = BenchResult("h200.f16.fused", "NVIDIA H200", 128, 0.845, 0.86, 2_471_600_000, 4270.0,
@@ -79,6 +80,8 @@ def test_bench_report_states_each_ops_share_and_its_bandwidth_efficiency():
     print_result(r, out=out)
     text = out.getvalue()
     assert "68.5% of copy bandwidth" in text
+    # 0.845 ms - 2471.6 MB at 4270 GB/s (0.5788 ms) = 0.266 ms over the profile's 16 launches
+    assert "0.266 ms/token over 16 launches, 16.64 us each" in text
     down = next(l for l in text.splitlines() if l.endswith("down [k]") and "us/launch" in l)
     assert "22.2%" in down and "11.72 us/launch" in down and "33.55 MB/launch" in down and "67% of copy bw" in down
     attn = next(l for l in text.splitlines() if l.endswith("attention [a]"))
