@@ -8,6 +8,7 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 OLD=${OLD-.ab/old}; POLICY=${POLICY:-f16}; SHAPES=${SHAPES:-smollm2-135m llama-3.2-1b}; LAYOUTS=${LAYOUTS:-fused}
 synth $SHAPES
+run_log=$(mktemp)
 for r in $(seq ${ROUNDS:-2}); do
   for tree in $OLD .; do
     for layout in $LAYOUTS; do
@@ -18,4 +19,7 @@ for r in $(seq ${ROUNDS:-2}); do
       done
     done
   done
-done | tee -a "$OUT/ab.log" | grep -E "==|graph replay"
+done | tee "$run_log" | tee -a "$OUT/ab.log" | grep -E "==|graph replay"
+echo "== summary: graph replay ms/token, one column per round (tree, shape, layout)"
+awk '/^== round/{key=$5"  "$6"  "$8} /graph replay/{ms[key]=ms[key]" "$4; if(!(key in seen)){order[++n]=key; seen[key]=1}}
+     END{for(i=1;i<=n;i++) printf "  %-44s %s\n", order[i], ms[order[i]]}' "$run_log" | tee -a "$OUT/ab.log"
