@@ -8,7 +8,8 @@ Two toolchains cover Maxwell (sm_52) to Blackwell (sm_100 / sm_121):
   ``nvidia-cuda-nvrtc-cu12``) compiles to PTX against the headers of
   ``nvidia-cuda-runtime-cu12``, and the ptxas of ``nvidia-cuda-nvcc-cu12`` assembles
   the PTX to a cubin. That wheel ships ptxas but no nvcc driver, hence NVRTC as the
-  front end. It is the only way here to build the Tesla M40's sm_52.
+  front end. It is the only way here to build the M40's sm_52, the P40's sm_61 and the
+  V100's sm_70.
 
 nvcc is used for every arch it supports, the CUDA 12.9 pair for the others (and for
 every arch it supports when there is no nvcc). ``toolchains_for`` says which one an
@@ -31,6 +32,8 @@ What NVRTC 12.9 needs, found by compiling the project's kernels with it:
   no switch for its "architectures prior to compute_75 are deprecated" warning,
   which therefore only goes to the debug log, like any other successful-compile
   output.
+* ``int8_t`` only where the kernels ``#include <stdint.h>`` (nvcc's headers bring it in
+  anyway): the int8 targets of the V100 were the first NVRTC build to need it.
 * ``cuda_fp8.h`` conversions compile for compute_52 (as software emulation, with no
   fp8 ``cvt`` instructions); policies keep fp8 off sm_52 regardless.
 

@@ -60,6 +60,18 @@ def gpu_name() -> str:
     return _driver().Device(0).name()
 
 
+def check_gpu_runs(manifest: dict, gpu: str, major: int, minor: int) -> None:
+    """Refuse a target generated for a newer arch than the GPU's, before compiling: its kernels use
+    what that arch has (griddepcontrol, bulk prefetch, fp8 conversions), so ptxas would fail deep
+    inside the build, or a kernel at launch. A newer GPU runs an older arch's target."""
+    spec = manifest["arch"]
+    if int(spec.removeprefix("sm_")) > 10 * major + minor:
+        raise BackendUnavailable(
+            f"target {manifest['target']} was generated for {spec} (device spec {manifest['device']}), but this GPU, "
+            f"{gpu}, is sm_{major}{minor}: pass --device auto, or --device with a spec for sm_{major}{minor} or older "
+            f"(`codegen list` shows each spec's arch)")
+
+
 def cached_cubin(source: Path, arch: str, options=COMPILE_OPTIONS, progress: bool = True) -> Path:
     """Compile ``source`` for ``arch`` once; later calls (any process) reuse the cubin."""
     text = source.read_bytes()
@@ -180,10 +192,11 @@ class CudaBackend:
         drv = self.drv = _driver()
         self.manifest, self.env = target.manifest, packed.env
         dev = drv.Device(0)
+        major, minor = dev.compute_capability()
+        check_gpu_runs(target.manifest, dev.name(), major, minor)
         self.ctx = dev.retain_primary_context()
         self.ctx.push()
         atexit.register(self.close)
-        major, minor = dev.compute_capability()
         self.arch = f"sm_{major}{minor}"
         table = buffer_table(self.manifest, self.env, packed.arrays)
         self.launches: list[BoundLaunch] = bind(self.manifest, self.env, table)   # checks before any allocation

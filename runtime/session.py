@@ -8,6 +8,7 @@ prompt that does not fit the model's context, a backend that cannot run here.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -59,12 +60,26 @@ def resolve_device(specs: Specs, device: str, backend: str) -> str:
     if backend == "cpu":
         return "reference"
     from .cuda import gpu_name
-    name = gpu_name()
-    for d in sorted(specs.devices.values(), key=lambda d: d.name):
-        if any(g.lower() in name.lower() for g in d.gpu_names):
-            return d.name
-    raise LoadError(f"--device auto: no device spec names the GPU {name!r} in gpu_names; "
-                    f"pass --device (one of {', '.join(sorted(specs.devices))}) or add a spec")
+    return device_for_gpu(specs, gpu_name())
+
+
+def names_gpu(entry: str, gpu: str) -> bool:
+    """Whether a spec's gpu_names entry is a word (or run of words) of the CUDA device name, case
+    aside: "A10" names "NVIDIA A10" but not "NVIDIA A100-SXM4-80GB", "L4" not "NVIDIA L40S"."""
+    return re.search(rf"(?<![a-z0-9]){re.escape(entry.lower())}(?![a-z0-9])", gpu.lower()) is not None
+
+
+def device_for_gpu(specs: Specs, gpu: str) -> str:
+    """The one device spec whose gpu_names name this GPU (--device auto)."""
+    hits = [d for d in sorted(specs.devices.values(), key=lambda d: d.name) if any(names_gpu(g, gpu) for g in d.gpu_names)]
+    if len(hits) > 1:
+        found = "; ".join(f"{d.src.path}: {[g for g in d.gpu_names if names_gpu(g, gpu)]}" for d in hits)
+        raise LoadError(f"--device auto: the GPU {gpu!r} is named by {len(hits)} device specs ({found}); "
+                        f"make their gpu_names tell it apart, or pass --device")
+    if not hits:
+        raise LoadError(f"--device auto: no device spec names the GPU {gpu!r} in gpu_names; "
+                        f"pass --device (one of {', '.join(sorted(specs.devices))}) or add a spec")
+    return hits[0].name
 
 
 class Session:

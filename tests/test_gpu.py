@@ -31,7 +31,7 @@ if REASON:
 
 from runtime.cuda import CudaBackend, gpu_name  # noqa: E402
 from runtime.opcheck import check_target_ops  # noqa: E402
-from runtime.session import resolve_device  # noqa: E402
+from runtime.session import names_gpu, resolve_device  # noqa: E402
 
 SPECS = load_specs()
 DEVICE = resolve_device(SPECS, "auto", "cuda")
@@ -141,7 +141,7 @@ def test_device_side_greedy_loop_matches_host_loop(tiny):
 
 
 def test_gpu_name_selects_a_device_spec():
-    assert any(g.lower() in gpu_name().lower() for g in SPECS.devices[DEVICE].gpu_names)
+    assert any(names_gpu(g, gpu_name()) for g in SPECS.devices[DEVICE].gpu_names)
 
 
 @pytest.mark.parametrize("max_seq,pos", [(64, 37), (1024, 700)])

@@ -136,3 +136,61 @@ def test_bench_refuses_gpu_only_flags_on_the_cpu_backend(tmp_path, capsys, flag)
     assert main(["bench", "--model", str(model), "--backend", "cpu", "--device", "reference", *flag]) == 1
     err = capsys.readouterr().err
     assert flag[0] in err and "--backend cuda" in err and "packing" not in err
+
+
+# CUDA device names as the driver reports them, and the spec `--device auto` must pick (None: none).
+GPU_NAMES = [
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100"), ("NVIDIA H200", "h200"),
+    ("NVIDIA GH200 480GB", "h200"), ("NVIDIA B200", "b200"), ("NVIDIA GB10", "gb10"), ("Tesla M40 24GB", "m40"),
+    ("Tesla P40", "p40"), ("Tesla V100-SXM2-16GB", "v100"), ("Tesla V100S-PCIE-32GB", "v100"), ("Tesla T4", "t4"),
+    ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA A100 80GB PCIe", "a100"), ("NVIDIA A10", "a10"), ("NVIDIA A10G", "a10"),
+    ("NVIDIA GeForce RTX 3090", "rtx3090"), ("NVIDIA L4", "l4"), ("NVIDIA GeForce RTX 4090", "rtx4090"),
+    ("NVIDIA L40S", None), ("NVIDIA GeForce RTX 4080", None), ("Tesla P100-PCIE-16GB", None),
+]
+
+
+@pytest.mark.parametrize("gpu,device", GPU_NAMES, ids=[g for g, _ in GPU_NAMES])
+def test_auto_device_picks_the_spec_that_names_the_gpu(gpu, device):
+    """gpu_names entries match whole words of the device name: "A10" is not a word of "A100-SXM4",
+    "L4" not of "L40S", "H200" not of "GH200" (which h200.yaml names itself)."""
+    from codegen.specs import load_specs
+    from runtime.session import device_for_gpu
+    from runtime.target import LoadError
+    specs = load_specs()
+    if device is None:
+        with pytest.raises(LoadError, match=f"no device spec names the GPU '{gpu}'"):
+            device_for_gpu(specs, gpu)
+    else:
+        assert device_for_gpu(specs, gpu) == device
+
+
+def test_auto_device_refuses_a_gpu_two_specs_name(tmp_path):
+    import shutil
+    from codegen.specs import load_specs
+    from runtime.session import device_for_gpu
+    from runtime.target import LoadError
+    root = Path(__file__).resolve().parents[1] / "specs"
+    shutil.copytree(root, tmp_path / "specs")
+    mine = tmp_path / "specs" / "devices" / "my_h100.yaml"
+    mine.write_text((root / "devices" / "h100.yaml").read_text().replace("name: h100", "name: my_h100")
+                    .replace('gpu_names: ["H100"]', 'gpu_names: ["H100 PCIe"]'))
+    specs = load_specs(tmp_path / "specs")
+    assert device_for_gpu(specs, "NVIDIA H100 80GB HBM3") == "h100"
+    with pytest.raises(LoadError, match=r"named by 2 device specs .*h100\.yaml: \['H100'\]; .*my_h100\.yaml: \['H100 PCIe'\]"):
+        device_for_gpu(specs, "NVIDIA H100 PCIe")
+
+
+@pytest.mark.parametrize("cc,ok", [((9, 0), True), ((10, 0), True), ((8, 9), False), ((8, 0), False)])
+def test_cuda_backend_refuses_a_target_for_a_newer_arch_than_the_gpus(cc, ok):
+    """An sm_90 target (griddepcontrol, bulk prefetch) on an sm_89 or sm_80 GPU is refused before
+    any compile, naming target, spec, GPU and its arch; a newer GPU runs it."""
+    import json
+    from runtime.cuda import check_gpu_runs
+    from runtime.errors import BackendUnavailable
+    manifest = json.loads((GENERATED / "h100.f16.fused" / "manifest.json").read_text())
+    if ok:
+        check_gpu_runs(manifest, "NVIDIA GPU", *cc)
+    else:
+        with pytest.raises(BackendUnavailable, match=rf"target h100.f16.fused was generated for sm_90 \(device spec h100\), "
+                                                     rf"but this GPU, NVIDIA GPU, is sm_{cc[0]}{cc[1]}"):
+            check_gpu_runs(manifest, "NVIDIA GPU", *cc)
