@@ -38,11 +38,15 @@ class BenchResult:
     def roofline_fraction(self) -> float:
         return self.gbs / self.copy_gbs
 
+    def at_copy_ms(self, nbytes: int) -> float:
+        """How long `nbytes` take at this run's copy bandwidth."""
+        return nbytes / (self.copy_gbs * 1e9) * 1e3
+
     @property
     def beyond_bytes_ms(self) -> float:
         """The step's time beyond its weight bytes at the copy rate: what is not bandwidth (launch
         boundaries, the latency after each wait, attention), the part that fusion has to remove."""
-        return self.ms_per_token - self.weight_bytes / (self.copy_gbs * 1e9) * 1e3
+        return self.ms_per_token - self.at_copy_ms(self.weight_bytes)
 
     @property
     def launches(self) -> int:
@@ -272,7 +276,7 @@ def print_result(r: BenchResult, out=sys.stdout, top: int = 12) -> None:
     p(f"  in-graph profile (replay time the graph loses without each op, of {r.ms_per_token:.3f} ms/token;")
     p(f"  per launch, and the op's weight bytes at the copy bandwidth as a fraction of that time):")
     for name, n, t, nbytes in r.in_graph[:top]:
-        eff = f"{100 * nbytes / r.copy_gbs / 1e6 / t:4.0f}% of copy bw" if nbytes and t > 0 else " " * 15
+        eff = f"{100 * r.at_copy_ms(nbytes) / t:4.0f}% of copy bw" if nbytes and t > 0 else " " * 15
         p(f"    {t:8.4f} ms  {100 * t / r.ms_per_token:5.1f}%  x{n:<4d} {1e3 * t / n:7.2f} us/launch "
           f"{nbytes / 1e6 / n:8.2f} MB/launch {eff}  {name}")
 

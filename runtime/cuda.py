@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from codegen.compile import compile_cubin, toolchains_for
+from codegen.compile import ARCH_RE, compile_cubin, toolchains_for
 from codegen.dtypes import DTYPES, INDEX_NP, from_storage
 
 from .binding import INDEX, BoundLaunch, bind, buffer_table
@@ -65,7 +65,7 @@ def check_gpu_runs(manifest: dict, gpu: str, major: int, minor: int) -> None:
     what that arch has (griddepcontrol, bulk prefetch, fp8 conversions), so ptxas would fail deep
     inside the build, or a kernel at launch. A newer GPU runs an older arch's target."""
     spec = manifest["arch"]
-    if int(spec.removeprefix("sm_")) > 10 * major + minor:
+    if int(ARCH_RE.match(spec).group(1)) > 10 * major + minor:   # the arch number, any suffix aside (sm_90a)
         raise BackendUnavailable(
             f"target {manifest['target']} was generated for {spec} (device spec {manifest['device']}), but this GPU, "
             f"{gpu}, is sm_{major}{minor}: pass --device auto, or --device with a spec for sm_{major}{minor} or older "
