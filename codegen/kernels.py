@@ -149,7 +149,7 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
     KernelFamily("norm_gemv_swiglu",      # rmsnorm -> gate/up GEMV (fused rows) -> SiLU(gate) * up
                  _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")),
                  {**_NORM, "": _MAIN + ("output",), "act": ("compute",)}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
-    KernelFamily("norm_gemv",             # rmsnorm -> GEMV
+    KernelFamily("norm_gemv",             # rmsnorm -> GEMV, two rows per warp and batch
                  _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")),
-                 {**_NORM, "": _MAIN}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
+                 {**_NORM, "": _MAIN}, f"cdiv(rows, {2 * WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
 )}

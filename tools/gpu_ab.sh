@@ -21,5 +21,5 @@ for r in $(seq ${ROUNDS:-2}); do
   done
 done | tee "$run_log" | tee -a "$OUT/ab.log" | grep -E "==|graph replay"
 echo "== summary: graph replay ms/token, one column per round (tree, shape, layout)"
-awk '/^== round/{key=$5"  "$6"  "$8} /graph replay/{ms[key]=ms[key]" "$4; if(!(key in seen)){order[++n]=key; seen[key]=1}}
+awk '/^== round/{key=$5"  "$6"  "$8} /decode, graph replay/{ms[key]=ms[key]" "$4; if(!(key in seen)){order[++n]=key; seen[key]=1}}
      END{for(i=1;i<=n;i++) printf "  %-44s %s\n", order[i], ms[order[i]]}' "$run_log" | tee -a "$OUT/ab.log"
