@@ -152,4 +152,12 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
     KernelFamily("norm_gemv",             # rmsnorm -> GEMV, two rows per warp and batch
                  _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")),
                  {**_NORM, "": _MAIN}, f"cdiv(rows, {2 * WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
+    # rmsnorm -> GEMV -> argmax -> pos += 1: the step's last three launches in one. Each block publishes
+    # its best row in the workspace (after a counter); the last block to finish picks the token.
+    KernelFamily("norm_gemv_argmax",
+                 _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("token", "index_out"), Param("pos", "index_inout"),
+                                     Param("rows", "int"), Param("cols", "int"), Param("eps", "float"),
+                                     Param("work", WORKSPACE)),
+                 {**_NORM, "": _MAIN}, f"cdiv(rows, {2 * WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True,
+                 workspace=f"8 + 8 * cdiv(rows, {2 * WARPS})"),
 )}

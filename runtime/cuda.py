@@ -204,10 +204,14 @@ class CudaBackend:
         weights = {id(a): a for a in packed.arrays.values()}
         need = sum(a.nbytes for a in weights.values())
         need += sum(i.nbytes for i in table.values() if not i.weight)
-        # one zeroed scratch serves every launch's workspace: a kernel writes it only after its wait,
-        # so two launches never use it at once, and kernels leave their counters there at zero
-        self.workspace_bytes = max((l.workspace for l in self.launches), default=0)
-        need += self.workspace_bytes
+        # each kernel has its own zeroed scratch, shared by its launches: a kernel writes it only after
+        # its wait, so two of its launches never use it at once, and it leaves its counters there at
+        # zero (kernels keep them at different offsets, so they do not share one scratch)
+        self.workspace_bytes: dict[str, int] = {}
+        for l in self.launches:
+            if any(a.kind == "workspace" for a in l.args):
+                self.workspace_bytes[l.kernel] = max(1, l.workspace, self.workspace_bytes.get(l.kernel, 0))
+        need += sum(self.workspace_bytes.values())
         free, total = drv.mem_get_info()
         if need > free:
             raise BackendUnavailable(f"target {target.name} needs {need / 2**30:.2f} GiB of device memory for this "
@@ -228,8 +232,9 @@ class CudaBackend:
             if not info.weight:
                 self.alloc[info.name] = drv.mem_alloc(max(1, info.nbytes))
                 drv.memset_d8(self.alloc[info.name], 0, max(1, info.nbytes))
-        self.workspace = drv.mem_alloc(max(1, self.workspace_bytes))
-        drv.memset_d8(self.workspace, 0, max(1, self.workspace_bytes))
+        self.workspace = {k: drv.mem_alloc(n) for k, n in self.workspace_bytes.items()}
+        for k, n in self.workspace_bytes.items():
+            drv.memset_d8(self.workspace[k], 0, n)
         self.ptr = {n: int(a) for n, a in self.alloc.items()}
         self.table = table
         if progress:
@@ -273,7 +278,7 @@ class CudaBackend:
             if a.buffer is not None:
                 out.append(np.uintp(self.ptr[a.buffer] + a.offset * self.table[a.buffer].itemsize))
             elif a.kind == "workspace":
-                out.append(np.uintp(int(self.workspace)))
+                out.append(np.uintp(int(self.workspace[l.kernel])))
             else:
                 out.append(np.float32(a.value) if a.kind == "float" else np.int32(a.value))
         return tuple(out)
@@ -297,7 +302,8 @@ class CudaBackend:
         for info in self.table.values():
             if not info.weight:
                 self.drv.memset_d8(self.alloc[info.name], 0, max(1, info.nbytes))
-        self.drv.memset_d8(self.workspace, 0, max(1, self.workspace_bytes))
+        for k, n in self.workspace_bytes.items():
+            self.drv.memset_d8(self.workspace[k], 0, n)
 
     def _run(self, token: int, pos: int) -> None:
         self.token[0], self.pos[0] = token, pos

@@ -148,6 +148,12 @@ def norm_gemv(a, d):
     a["y"][:] = _norm_then_gemv(a, d, a["rows"])
 
 
+def norm_gemv_argmax(a, d):
+    norm_gemv(a, d)
+    argmax({"logits": a["y"], "token": a["token"]}, d)
+    advance_pos(a, d)
+
+
 def norm_qkv_rope_kv(a, d):
     nq, nkv = a["n_heads"] * a["head_dim"], a["n_kv_heads"] * a["head_dim"]
     y = _norm_then_gemv(a, d, nq + 2 * nkv)
@@ -173,7 +179,7 @@ def norm_gemv_swiglu(a, d):
 
 OPS = {f.__name__: f for f in (embedding_gather, rmsnorm, gemv, rope, kv_append, attention, silu_mul,
                                residual_add, argmax, advance_pos,
-                               norm_gemv, norm_qkv_rope_kv, gemv_residual, norm_gemv_swiglu)}
+                               norm_gemv, norm_gemv_argmax, norm_qkv_rope_kv, gemv_residual, norm_gemv_swiglu)}
 
 
 class ReferenceBackend:
