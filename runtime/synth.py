@@ -27,10 +27,11 @@ from codegen.dtypes import DTYPES, to_storage
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  intermediate_size=128, vocab_size=512, max_position_embeddings=256, rope_theta=10000.0),
-    # rows that are not whole 16-byte vectors (fp8 rows of 72 B, a 100-column down projection) and a
-    # head_dim (24) below attention's vector path: the kernels' general paths, for GPU op checks
+    # rows that are not whole 16-byte vectors (fp8 rows of 72 B, a 100-column down projection), a
+    # head_dim (24) below attention's vector path and an odd vocabulary (the lm_head's last row pair
+    # has one row): the kernels' general paths, for GPU op checks
     "ragged": dict(hidden_size=72, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=24,
-                   intermediate_size=100, vocab_size=300, max_position_embeddings=1024, rope_theta=10000.0),
+                   intermediate_size=100, vocab_size=301, max_position_embeddings=1024, rope_theta=10000.0),
     # the hidden size of Llama-3.2-1B (2048) in two cheap layers and a context long enough for several
     # attention splits, for GPU op checks
     "wide": dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
