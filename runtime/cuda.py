@@ -86,7 +86,12 @@ def cached_cubin(source: Path, arch: str, options=COMPILE_OPTIONS, progress: boo
 
 
 class _LaunchAttribute(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+    """CUlaunchAttribute: an id and a 64-byte value union, here as 16 unsigned ints (a c_char array
+    field stops copying at the first zero byte: a value like a cluster's (x, 1, 1) would lose y and z)."""
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_uint), ("value", ctypes.c_uint * 16)]
+
+    def __init__(self, id_: int, *value: int):
+        super().__init__(id_, 0, (ctypes.c_uint * 16)(*value))
 
 
 class _LaunchConfig(ctypes.Structure):
@@ -152,7 +157,7 @@ class _Launch:
                       (ctypes.c_float(float(a)) if isinstance(a, np.float32) else ctypes.c_int32(int(a))) for a in args]
         self._params = (ctypes.c_void_p * len(self._vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
                                                              for v in self._vals])
-        self._attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION, b"", (1).to_bytes(4, "little") + bytes(60))
+        self._attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION, 1)
         self.cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*launch.block), launch.smem,
                                  ctypes.c_void_p(stream.handle), ctypes.pointer(self._attr) if pdl else None, int(pdl))
 
