@@ -194,3 +194,17 @@ def test_cuda_backend_refuses_a_target_for_a_newer_arch_than_the_gpus(cc, ok):
         with pytest.raises(BackendUnavailable, match=rf"target h100.f16.fused was generated for sm_90 \(device spec h100\), "
                                                      rf"but this GPU, NVIDIA GPU, is sm_{cc[0]}{cc[1]}"):
             check_gpu_runs(manifest, "NVIDIA GPU", *cc)
+
+
+def test_launch_attribute_carries_every_byte_of_its_value():
+    """cuLaunchKernelEx reads each attribute as {id, pad, 64-byte value}. A value with zero bytes
+    before its end (a cluster's (x, 1, 1)) must arrive whole: a c_char array field stopped copying at
+    the first zero byte, and the driver then saw (x, 0, 0) and refused the launch."""
+    import ctypes
+    import struct
+    from runtime.cuda import _LaunchAttribute
+    assert ctypes.sizeof(_LaunchAttribute) == 72           # sizeof(CUlaunchAttribute) in cuda.h
+    raw = bytes(_LaunchAttribute(4, 9, 1, 1))
+    assert struct.unpack_from("<IIIII", raw) == (4, 0, 9, 1, 1) and raw[20:] == bytes(52)
+    pdl = bytes(_LaunchAttribute(6, 1))
+    assert struct.unpack_from("<III", pdl) == (6, 0, 1) and pdl[12:] == bytes(60)
