@@ -202,13 +202,13 @@ static float time_kernel(int sync, int blocks, int cluster, const uint8_t* w, co
 
 static Layer smollm2_layer(double scale, int n_layers) {
   // SmolLM2-135M f16 per layer: q/k/v 576x960, attention (no weights), o 576x576, gate/up 576x3072, down 1536x576
-  const double mb[] = {576.0 * 960 * 2, 0.0, 576.0 * 576 * 2, 576.0 * 3072 * 2, 1536.0 * 576 * 2};
+  const double stage_bytes[] = {576.0 * 960 * 2, 0.0, 576.0 * 576 * 2, 576.0 * 3072 * 2, 1536.0 * 576 * 2};
   Layer L = {};
   L.n_stages = 5; L.n_layers = n_layers;
   long long off = 0;
   for (int s = 0; s < 5; ++s) {
     L.offset[s] = off;
-    L.chunks[s] = (int)((mb[s] * scale + CHUNK - 1) / CHUNK);
+    L.chunks[s] = (int)((stage_bytes[s] * scale + CHUNK - 1) / CHUNK);
     off += (long long)L.chunks[s] * CHUNK;
   }
   L.layer_bytes = off;
