@@ -55,6 +55,7 @@ class KernelInstance:
     name: str
     family: KernelFamily
     dtypes: dict[str, str]        # pointer param or role field ("compute", "norm.output", ...) -> dtype name
+    early_dependents: bool = False  # lets the next launch start as it starts (the op's `dependents: early`)
 
     def t(self) -> dict[str, DType]:
         return {k: DTYPES[v] for k, v in self.dtypes.items()}
@@ -210,8 +211,9 @@ def _resolve_launches(plan: Plan) -> None:
         for slot, fields in fam.slots.items():
             for f in fields:
                 dtypes[f"{slot}.{f}" if slot else f] = getattr(plan.roles[op.roles[slot]], f)
-        name = instance_name(fam, dtypes)
-        plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes))
+        early = op.dependents == "early"
+        name = instance_name(fam, dtypes) + ("_early" if early else "")
+        plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes, early))
         smem = "0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * 4"
         plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block, smem, fam.grid_stride,
                                    fam.workspace, fam.limits, fam.variants))

@@ -117,6 +117,14 @@ class OpDef:
     per_layer: bool
     layout: str | None
     args: dict[str, str]
+    dependents: str = "after_wait"   # DEPENDENTS: when the next launch may start (programmatic dependent launch)
+
+
+# When an op lets the next launch start (sm_90+ programmatic dependent launch; elsewhere nothing):
+# "after_wait", once all its blocks have waited for their own predecessor (so at most one kernel runs
+# ahead, streaming its weights), or "early", as the op starts (for an op whose successor needs a
+# longer head start than this op's time after its wait). docs/PERF.md has the measurements.
+DEPENDENTS = ("after_wait", "early")
 
 
 @dataclass
@@ -241,7 +249,7 @@ def load_model(path: Path) -> ModelSpec:
         if fam is None:
             raise src.error(p + ("kernel",), od.get("kernel", "<no 'kernel'>"), _allowed(FAMILIES))
         slot_keys = {f"{slot}_role" if slot else "role": str for slot in fam.slots}
-        _mapping(src, p, od, {"op": str, "kernel": str, "args": dict}, {"per_layer": bool, "layout": str, **slot_keys})
+        _mapping(src, p, od, {"op": str, "kernel": str, "args": dict}, {"per_layer": bool, "layout": str, "dependents": str, **slot_keys})
         _ident(src, p + ("op",), od["op"])
         op_roles = {}
         for slot, fields in fam.slots.items():
@@ -254,6 +262,9 @@ def load_model(path: Path) -> ModelSpec:
             if missing:
                 raise src.error(p + (key,), role, f"kernel {fam.template} needs {key} to have fields {list(fields)}")
             op_roles[slot] = role
+        dependents = od.get("dependents", DEPENDENTS[0])
+        if dependents not in DEPENDENTS:
+            raise src.error(p + ("dependents",), dependents, _allowed(DEPENDENTS))
         args = {}
         names = [q.name for q in fam.spec_params]
         for a, v in od["args"].items():
@@ -287,7 +298,7 @@ def load_model(path: Path) -> ModelSpec:
                 syms = ints + floats if prm.kind == "float" else ints
                 args[prm.name] = _expr(src, ap, v, syms)
         decode_step.append(OpDef(od["op"], od["kernel"], op_roles, od.get("per_layer", False),
-                                 layout_ref(p + ("layout",), od.get("layout")), args))
+                                 layout_ref(p + ("layout",), od.get("layout")), args, dependents))
     return ModelSpec(d["name"], src, config, roles, tensors, layouts, weights, buffers, decode_step)
 
 

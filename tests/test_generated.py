@@ -76,6 +76,26 @@ def test_kernel_names_spell_every_dtype_and_are_unique():
                     assert f"{DTYPES[k.dtypes[prm.name]].ctype}* __restrict__ {prm.name}" in sig, (name, prm.name, sig)
 
 
+def test_only_ops_marked_early_let_the_next_launch_start_at_once():
+    """An op with `dependents: early` gets its own instance (`..._early`) whose kernel triggers the next
+    launch as it starts; every other kernel triggers it only after its own wait (the PDL macro), and a
+    device without programmatic dependent launch triggers nothing."""
+    specs = load_specs()
+    early_ops = {op.op for op in specs.models["llama"].decode_step if op.dependents == "early"}
+    assert early_ops == {"o_proj_residual", "down_proj_residual"}
+    plan = resolve(specs, "h200", "f16", "fused")
+    cu = (GENERATED / plan.target / "kernels.cu").read_text()
+    starts = dict(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(.*?DTF_KERNEL_START\(([01])\)', cu, re.S))
+    for launch in plan.launches:
+        early = launch.op in early_ops
+        assert launch.kernel.endswith("_early") == early == plan.kernels[launch.kernel].early_dependents, launch.op
+        assert starts[launch.kernel] == ("1" if early else "0"), launch.kernel
+    wait = re.search(r"#define DTF_WAIT_PRIOR\(\) (.*)", cu).group(1)
+    assert wait.index("griddepcontrol.wait") < wait.index("griddepcontrol.launch_dependents")
+    m40 = (GENERATED / "m40.f16-storage-f32-compute.fused" / "kernels.cu").read_text()
+    assert "griddepcontrol" not in m40 and "DTF_KERNEL_START(1)" in m40
+
+
 def test_launch_sequence_matches_the_policy():
     """The m40 target's projections read f16 weights and f32 activations; the KV cache is f16."""
     specs = load_specs()

@@ -279,6 +279,15 @@ def test_l2_prefetch_values_are_validated(specs_dir, capsys, spec, old, new, key
     assert_spec_error(*run_cli(specs_dir, capsys), f, line, key, message)
 
 
+def test_op_dependents_is_validated(specs_dir, capsys):
+    """`dependents` picks where the generated kernel lets the next launch start; only the listed values pass."""
+    f = specs_dir / "models/llama.yaml"
+    i = op_index(specs_dir, "down_proj_residual")
+    line = edit(f, "layout: fused, dependents: early, args: {w: wdown,", "layout: fused, dependents: soon, args: {w: wdown,")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, f"decode_step.{i}.dependents", "'soon'",
+                      "allowed: after_wait, early")
+
+
 def test_spec_error_is_a_one_line_message_not_a_traceback(specs_dir, capsys):
     f = specs_dir / "policies/f16.yaml"
     edit(f, "v_proj:      {storage: f16,", "v_proj:      {storage: 16,")
