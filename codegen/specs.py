@@ -109,6 +109,13 @@ class BufferDef:
     layout: str | None
 
 
+# When an op lets the next launch start (sm_90+ programmatic dependent launch; elsewhere nothing):
+# "after_wait", once all its blocks have waited for their own predecessor (so at most one kernel runs
+# ahead, streaming its weights), or "early", as the op starts (for an op whose successor needs a
+# longer head start than this op's time after its wait). docs/PERF.md has the measurements.
+DEPENDENTS = ("after_wait", "early")
+
+
 @dataclass
 class OpDef:
     op: str
@@ -117,14 +124,7 @@ class OpDef:
     per_layer: bool
     layout: str | None
     args: dict[str, str]
-    dependents: str = "after_wait"   # DEPENDENTS: when the next launch may start (programmatic dependent launch)
-
-
-# When an op lets the next launch start (sm_90+ programmatic dependent launch; elsewhere nothing):
-# "after_wait", once all its blocks have waited for their own predecessor (so at most one kernel runs
-# ahead, streaming its weights), or "early", as the op starts (for an op whose successor needs a
-# longer head start than this op's time after its wait). docs/PERF.md has the measurements.
-DEPENDENTS = ("after_wait", "early")
+    dependents: str = DEPENDENTS[0]   # when the next launch may start (programmatic dependent launch)
 
 
 @dataclass
