@@ -1,4 +1,5 @@
-"""generated/ is committed, fresh and deterministic, and kernel names spell their dtypes."""
+"""generated/ is committed, fresh and deterministic, kernel names spell their dtypes, and the bit
+tricks in the generated code are exact."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from codegen.build import GENERATED
 from codegen.cli import main
@@ -206,3 +209,39 @@ def test_kernel_bounds_name_int_parameters_of_their_family():
         ints = {p.name for p in fam.params if p.kind == "int"}
         names = [n for n, _ in fam.limits] + [n for v in fam.variants for n, _ in v.at_most]
         assert set(names) <= ints, (fam.template, names)
+
+
+def _byte_perm(x: int, y: int, s: int) -> int:
+    """CUDA's __byte_perm(x, y, s) (PTX prmt, default mode): result byte i is byte s_i of y:x."""
+    b = [(x >> 8 * i) & 0xFF for i in range(4)] + [(y >> 8 * i) & 0xFF for i in range(4)]
+    return sum(b[(s >> 4 * i) & 7] << 8 * i for i in range(4))
+
+
+def test_int8_weights_widen_exactly_through_f16_pairs():
+    """The sm_80+ int8 widening in the generated kernels (Widen<signed char>, templates/rows.cuh.j2):
+    each byte q, top bit flipped, is permuted into the low byte of an f16 0x64tt (1024 + q + 128), and
+    one f16 subtraction of 1152 must give q exactly. Emulated here with numpy's float16 (round to
+    nearest even, as __hsub2) for every int8 value in every byte position of a 32-bit word, with the
+    constants the generated code uses, so a CPU-only run (CI) checks the arithmetic the GPU tests check
+    on the device."""
+    cu = (GENERATED / "h200.int8-weights.fused" / "kernels.cu").read_text()
+    widen = cu[cu.index("template <> struct Widen<signed char>"):]
+    widen = widen[:widen.index("\n};\n")]
+    flip, fill, sel_lo, sel_hi, bias = 0x80808080, 0x64646464, 0x4140, 0x4342, 0x6480
+    for const in ("0x80808080u", "0x64646464u", "0x4140", "0x4342", "__ushort_as_half(0x6480)"):
+        assert const in widen, f"the generated int8 widening no longer uses {const}: update this test with it"
+    bias_f16 = np.array([bias], np.uint16).view(np.float16)[0]
+    assert float(bias_f16) == 1152.0
+    q = np.arange(-128, 128)
+    for pos in range(4):
+        got = []
+        for v in q:
+            word = (0x5A3C96E1 & ~(0xFF << 8 * pos)) | ((int(v) & 0xFF) << 8 * pos)   # other bytes arbitrary
+            t = word ^ flip
+            halves = []
+            for sel in (sel_lo, sel_hi):
+                p = _byte_perm(t, fill, sel)
+                h = np.array([p & 0xFFFF, p >> 16], np.uint16).view(np.float16)
+                halves += list((h - bias_f16).astype(np.float32))
+            got.append(halves[pos])
+        np.testing.assert_array_equal(np.array(got, np.float32), q.astype(np.float32))
