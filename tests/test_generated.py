@@ -222,14 +222,16 @@ def test_int8_weights_widen_exactly_through_f16_pairs():
     each byte q, top bit flipped, is permuted into the low byte of an f16 0x64tt (1024 + q + 128), and
     one f16 subtraction of 1152 must give q exactly. Emulated here with numpy's float16 (round to
     nearest even, as __hsub2) for every int8 value in every byte position of a 32-bit word, with the
-    constants the generated code uses, so a CPU-only run (CI) checks the arithmetic the GPU tests check
-    on the device."""
+    constants read from the generated code, so a CPU-only run (CI) checks the arithmetic the GPU tests
+    check on the device."""
     cu = (GENERATED / "h200.int8-weights.fused" / "kernels.cu").read_text()
     widen = cu[cu.index("template <> struct Widen<signed char>"):]
     widen = widen[:widen.index("\n};\n")]
-    flip, fill, sel_lo, sel_hi, bias = 0x80808080, 0x64646464, 0x4140, 0x4342, 0x6480
-    for const in ("0x80808080u", "0x64646464u", "0x4140", "0x4342", "__ushort_as_half(0x6480)"):
-        assert const in widen, f"the generated int8 widening no longer uses {const}: update this test with it"
+    m = re.search(r"r\.x \^ (0x[0-9a-f]+)u.*?__ushort_as_half\((0x[0-9a-f]+)\).*?"
+                  r"lo = __byte_perm\(u\[i\], (0x[0-9a-f]+)u, (0x[0-9a-f]+)\), hi = __byte_perm\(u\[i\], \3u, (0x[0-9a-f]+)\)",
+                  widen, re.S)
+    assert m, "the generated int8 widening no longer has the f16-pair form this test emulates: update the test"
+    flip, bias, fill, sel_lo, sel_hi = (int(g, 16) for g in m.groups())
     bias_f16 = np.array([bias], np.uint16).view(np.float16)[0]
     assert float(bias_f16) == 1152.0
     q = np.arange(-128, 128)
