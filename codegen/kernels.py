@@ -36,7 +36,7 @@ class Variant:
     runtime launches instead, with `grid`, when every int argument in `at_most` is within its bound:
     a special case compiled on its own, so the general kernel's code does not slow it down."""
     suffix: str
-    at_most: tuple[tuple[str, int], ...]
+    at_most: tuple[tuple[str, int | str], ...]   # a str bound is a tuning placeholder, an int once planned
     grid: str
 
 
@@ -85,8 +85,10 @@ def field_short(key: str) -> str:
 
 
 WARPS = 8          # warps per block of the row-parallel kernels: one warp per output row (or rope pair)
-ATTN_SPLIT = 512   # KV positions per attention block: longer contexts spread over more blocks (flash-decoding)
-ATTN_THREADS = 512  # threads per attention block (16 warps)
+# The attention block's size is the device's tuning.attn_threads, and so is its split: each of its warps
+# scores four chunks of 8 positions per split, so ATTN_SPLIT positions per block ("{attn_threads}" in a
+# family's expressions is filled in by the Plan from the device spec).
+ATTN_SPLIT = "{attn_threads}"
 ATTN_MAX_HEAD_DIM = 256  # attention's per-block arrays (q, each warp's output) hold this many dims
 _GEMV = (Param("w", "in", "w"), Param("scale", "in", "s", scale_of="w"))
 _NORM_IN = (Param("x", "in", "x"), Param("gamma", "in", "g"))
@@ -118,7 +120,7 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                   Param("pos", "index_in"), Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"),
                   Param("max_seq", "int"), Param("work", WORKSPACE), Param("prefetch", PREFETCH),
                   Param("prefetch_kib", "int", kib_of="prefetch")),
-                 {"": _MAIN}, f"n_heads * cdiv(max_seq, {ATTN_SPLIT})", f"{ATTN_THREADS}",
+                 {"": _MAIN}, f"n_heads * cdiv(max_seq, {ATTN_SPLIT})", "{attn_threads}",
                  workspace=f"n_heads * cdiv(max_seq, {ATTN_SPLIT}) * (head_dim + 2) * 4 + n_heads * 4",
                  limits=(("head_dim", ATTN_MAX_HEAD_DIM),),
                  # a context that fits one split: one block per head, without the split bookkeeping

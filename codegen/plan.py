@@ -7,7 +7,7 @@ are both derived from the same ``Plan.weights`` entries, they cannot disagree on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .dtypes import DTYPES, DType
 from .kernels import FAMILIES, INDEX_KINDS, PREFETCH, PTR_KINDS, WORKSPACE, KernelFamily, field_short
@@ -215,8 +215,11 @@ def _resolve_launches(plan: Plan) -> None:
         name = instance_name(fam, dtypes) + ("_early" if early else "")
         plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes, early))
         smem = "0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * 4"
-        plan.launches.append(Launch(op.op, name, op.per_layer, args, fam.grid, fam.block, smem, fam.grid_stride,
-                                   fam.workspace, fam.limits, fam.variants))
+        tuned = lambda e: str(e).format_map(plan.device.tuning)   # a family may size itself by a tuning knob
+        variants = tuple(replace(v, at_most=tuple((n, int(tuned(b))) for n, b in v.at_most), grid=tuned(v.grid))
+                         for v in fam.variants)
+        plan.launches.append(Launch(op.op, name, op.per_layer, args, tuned(fam.grid), tuned(fam.block), smem,
+                                    fam.grid_stride, tuned(fam.workspace), fam.limits, variants))
 
 
 def instance_name(fam: KernelFamily, dtypes: dict[str, str]) -> str:

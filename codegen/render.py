@@ -12,7 +12,7 @@ from pathlib import Path
 import jinja2
 
 from .dtypes import ARITH_DTYPES
-from .kernels import ATTN_MAX_HEAD_DIM, ATTN_SPLIT, ATTN_THREADS
+from .kernels import ATTN_MAX_HEAD_DIM
 from .plan import Plan
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -56,8 +56,8 @@ def render_kernels(plan: Plan, digest: str) -> str:
         policy=plan.policy.name, layout=plan.layout, inputs_hash=digest,
         pdl=bool(plan.device.capabilities.get("programmatic_dependent_launch")), tuning=plan.device.tuning,
         kernels=sorted(plan.kernels.values(), key=lambda k: k.name),
-        dtypes_used=sorted(used), arith_used=sorted(arith & set(ARITH_DTYPES)), attn_split=ATTN_SPLIT,
-        attn_threads=ATTN_THREADS, attn_max_head_dim=ATTN_MAX_HEAD_DIM)
+        dtypes_used=sorted(used), arith_used=sorted(arith & set(ARITH_DTYPES)), attn_split=plan.device.tuning["attn_threads"],
+        attn_threads=plan.device.tuning["attn_threads"], attn_max_head_dim=ATTN_MAX_HEAD_DIM)
 
 
 def manifest(plan: Plan, digest: str) -> dict:

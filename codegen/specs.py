@@ -31,7 +31,9 @@ CAPABILITIES = {"native_f16_arith": bool, "native_bf16_arith": bool, "fp8_conver
 # launches, never the numerics. name -> (default, allowed values).
 #   gemv_loads: 16-byte weight loads per lane per batch in the GEMV kernels (two batches in flight)
 #   l2_prefetch_kib: KiB of the next GEMV's weight that attention asks the L2 to fetch (0: none; sm_90+)
-TUNING = {"gemv_loads": (8, (2, 4, 8, 16)), "l2_prefetch_kib": (0, (0, 1024, 2048, 4096, 8192, 16384, 32768))}
+#   attn_threads: threads per decode-attention block (one block per head and split; 128 registers each)
+TUNING = {"gemv_loads": (8, (2, 4, 8, 16)), "l2_prefetch_kib": (0, (0, 1024, 2048, 4096, 8192, 16384, 32768)),
+          "attn_threads": (512, (128, 256, 512))}
 PREFETCH_MIN_ARCH = 90   # cp.async.bulk.prefetch.L2
 CONFIG_TYPES = {"int": int, "float": float, "bool": bool}
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from codegen.build import GENERATED
 from codegen.cli import main
@@ -173,8 +174,9 @@ def test_device_tuning_reaches_the_kernels_and_compiles(tmp_path):
 
 
 def test_attention_workspace_and_grid_grow_with_the_context(tmp_path):
-    """Split-KV attention: one block per head and 512 positions of max_seq, and a workspace for the
-    blocks' partials and one counter per head, bound by the runtime (the spec never names it)."""
+    """Split-KV attention: one block per head and S positions of max_seq (S the device's
+    tuning.attn_threads, read from its spec), and a workspace for the blocks' partials and one counter
+    per head, bound by the runtime (the spec never names it)."""
     from runtime.binding import bind, buffer_table
     from runtime.loader import pack_weights
     from runtime.synth import write_synthetic_model
@@ -183,8 +185,9 @@ def test_attention_workspace_and_grid_grow_with_the_context(tmp_path):
     model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 4096}))
+    split = yaml.safe_load((GENERATED.parent / "specs" / "devices" / "h200.yaml").read_text())["tuning"]["attn_threads"]
     seen = {}
-    for max_seq in (512, 513, 2048):
+    for max_seq in (split, split + 1, 4 * split):
         packed = pack_weights(t, model, max_seq=max_seq, progress=False)
         launches = bind(t.manifest, packed.env, buffer_table(t.manifest, packed.env, packed.arrays))
         attn = next(l for l in launches if l.template == "attention")

@@ -176,13 +176,15 @@ def test_wide_hidden_matches_reference_ops(wide, policy):
 
 @pytest.mark.parametrize("policy", ["f32", "f16", "bf16"])
 def test_long_context_attention_splits_match_reference_ops(wide, policy):
-    """Contexts past one attention split (512 positions): at pos 511 one block per head, at 512 a
-    second split of one position, at 1300 three splits merged by the last block of each head. Run
-    in turn on one backend, so a split counter left behind by one launch would leave the next
-    launch's output unwritten (poisoned), which the check catches."""
+    """Contexts past one attention split (the device's tuning.attn_threads positions, S): at pos S - 1
+    one block per head, at S a second split of one position, at 2.5 S three splits merged by the last
+    block of each head. Run in turn on one backend, so a split counter left behind by one launch
+    would leave the next launch's output unwritten (poisoned), which the check catches."""
     t, gpu, ref = _pair(wide, policy, "fused", max_seq=2048)
+    attention = next(l for l in t.manifest["decode_step"] if l["kernel"].startswith("attention"))
+    split = attention["variants"][0]["at_most"]["max_seq"]   # the one-split entry point's bound
     try:
-        for pos in (1300, 511, 512, 1300):
+        for pos in (5 * split // 2, split - 1, split, 5 * split // 2):
             failed = _failures(check_target_ops(gpu, ref, seed=pos, pos=pos))
             assert not failed, f"pos {pos}: {failed}"
     finally:
