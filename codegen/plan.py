@@ -215,11 +215,17 @@ def _resolve_launches(plan: Plan) -> None:
         name = instance_name(fam, dtypes) + ("_early" if early else "")
         plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes, early))
         smem = "0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * 4"
-        tuned = lambda e: str(e).format_map(plan.device.tuning)   # a family may size itself by a tuning knob
+        tuned = _tuned(plan.device.tuning)
         variants = tuple(replace(v, at_most=tuple((n, int(tuned(b))) for n, b in v.at_most), grid=tuned(v.grid))
                          for v in fam.variants)
         plan.launches.append(Launch(op.op, name, op.per_layer, args, tuned(fam.grid), tuned(fam.block), smem,
                                     fam.grid_stride, tuned(fam.workspace), fam.limits, variants))
+
+
+def _tuned(tuning: dict[str, int]):
+    """Fills a family expression's ``{knob}`` placeholders (e.g. attention's ``{attn_threads}``) with
+    the device spec's tuning values."""
+    return lambda expr: str(expr).format_map(tuning)
 
 
 def instance_name(fam: KernelFamily, dtypes: dict[str, str]) -> str:

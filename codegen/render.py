@@ -56,7 +56,7 @@ def render_kernels(plan: Plan, digest: str) -> str:
         policy=plan.policy.name, layout=plan.layout, inputs_hash=digest,
         pdl=bool(plan.device.capabilities.get("programmatic_dependent_launch")), tuning=plan.device.tuning,
         kernels=sorted(plan.kernels.values(), key=lambda k: k.name),
-        dtypes_used=sorted(used), arith_used=sorted(arith & set(ARITH_DTYPES)), attn_split=plan.device.tuning["attn_threads"],
+        dtypes_used=sorted(used), arith_used=sorted(arith & set(ARITH_DTYPES)),
         attn_threads=plan.device.tuning["attn_threads"], attn_max_head_dim=ATTN_MAX_HEAD_DIM)
 
 
