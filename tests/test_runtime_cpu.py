@@ -208,3 +208,32 @@ def test_launch_attribute_carries_every_byte_of_its_value():
     assert struct.unpack_from("<IIIII", raw) == (4, 0, 9, 1, 1) and raw[20:] == bytes(52)
     pdl = bytes(_LaunchAttribute(6, 1))
     assert struct.unpack_from("<III", pdl) == (6, 0, 1) and pdl[12:] == bytes(60)
+
+
+def test_a_kernel_keeps_the_largest_shared_memory_any_of_its_launches_needs(monkeypatch):
+    """One kernel serves launches of different sizes (the separate layout's q/k/v, down and lm_head
+    are the same GEMV). The driver's dynamic shared-memory allowance belongs to the function, so
+    setting it per launch to that launch's size left it at the last one's (lm_head's) and the down
+    projection refused (CUDA_ERROR_INVALID_VALUE, seen on the H200 when every GEMV's shared memory grew
+    past 48 KiB): it only ever grows."""
+    import runtime.cuda as cuda
+
+    class FakeDriver:
+        def __init__(self):
+            self.set = []
+
+        def cuModuleGetFunction(self, out, module, name):
+            return 0
+
+        def cuFuncSetAttribute(self, fn, attr, value):
+            self.set.append((attr, value))
+            return 0
+
+    drv = FakeDriver()
+    monkeypatch.setattr(cuda, "_libcuda", lambda: drv)
+    m = cuda._Module.__new__(cuda._Module)
+    m.h, m.functions, m.smem_allowed = None, {}, {}
+    for smem in (72 * 1024, 16 * 1024, 96 * 1024, 72 * 1024):   # q_proj, (small), down_proj, lm_head
+        m.function("gemv", smem)
+    assert all(attr == cuda._MAX_DYNAMIC_SHARED_SIZE_BYTES for attr, _ in drv.set)
+    assert drv.set[-1][1] == 96 * 1024, drv.set
