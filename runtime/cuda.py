@@ -131,13 +131,13 @@ class _Module:
 
     def function(self, name: str, smem: int) -> ctypes.c_void_p:
         """The kernel's handle, allowed at least `smem` bytes of dynamic shared memory. The allowance is
-        the function's, not the launch's: one kernel serving launches of different sizes (o-proj and
-        down are the same GEMV) keeps the largest, or the larger launch would fail."""
+        the function's, not the launch's: one kernel serving launches of different sizes (the separate
+        layout's q/k/v, down and lm_head are the same GEMV) keeps the largest, or the larger launch would fail."""
         if name not in self.functions:
             f = ctypes.c_void_p()
             _check(_libcuda().cuModuleGetFunction(ctypes.byref(f), self.h, name.encode()), f"finding kernel {name}")
             self.functions[name] = f
-        if smem > max(48 * 1024, self.smem_allowed.get(name, 0)):
+        if smem > self.smem_allowed.get(name, 48 * 1024):   # 48 KiB: every function's default
             _check(_libcuda().cuFuncSetAttribute(self.functions[name], _MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
                    f"{name}: {smem} bytes of shared memory")
             self.smem_allowed[name] = smem
