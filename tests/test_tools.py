@@ -40,9 +40,10 @@ def test_ab_tree_names_a_missing_ref(tmp_path: Path) -> None:
 
 
 def test_every_gpu_probe_builds_against_the_current_generated_kernels(tmp_path: Path) -> None:
-    """tools/*.cu are run by hand on the GPU machine (their build line is in their header); the MLP probe
-    includes generated/h200.f16.fused/kernels.cu and launches its kernels by name, so a change to the
-    generated code must keep it building, or this fails here rather than on the device's clock."""
+    """tools/*.cu (the probes docs/PERF.md quotes) are run by hand on the GPU machine (their build line is
+    in their header) and must build here, host and device code, so they are ready for the next GPU run;
+    the MLP probe includes generated/h200.f16.fused/kernels.cu and launches its kernels by name, so a
+    change to the generated code must keep it building, or this fails here rather than on the device."""
     probes = sorted((ROOT / "tools").glob("*.cu"))
     assert any(p.name == "mlp_split_probe.cu" for p in probes)
     for probe in probes:
