@@ -17,7 +17,9 @@
 //                 "x4": one float4 atomic per four rows; "f64": double atomics; "rotated": each block
 //                 starts its rows at a different batch, so fewer blocks add to the same address at once
 //   none          partials written, not summed (the bound: what the summing costs)
-// T is the intermediate rows per block (grid I / T), with 8 or 16 warps per block.
+// T is the intermediate rows per block (grid I / T), with 8 or 16 warps per block. "run-time shape": the
+// same kernel with hidden, T and the warp count as run-time values (as a generic generated kernel has
+// them), so none of its loops has a compile-time trip count.
 // The chain of 16 layers (distinct weights, so nothing stays in L2) is captured as one CUDA graph with
 // programmatic dependent launch, as runtime/cuda.py launches, and replayed: first the MLP alone, then
 // whole layers (the generated q/k/v, attention at 128 positions and o-proj kernels before the MLP).
@@ -47,12 +49,16 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
   return v;
 }
 
-template <int T, int MODE, int NW = 8, bool ROT = false>
-__global__ void __launch_bounds__(32 * NW) mlp_split(__half* __restrict__ x, const float* __restrict__ acc_prev,
+template <int T_, int MODE, int NW_ = 8, bool ROT = false, bool RT = false>
+__global__ void __launch_bounds__(32 * NW_) mlp_split(__half* __restrict__ x, const float* __restrict__ acc_prev,
     float* __restrict__ acc_cur_, float* __restrict__ acc_zero, const __half* __restrict__ gamma,
     const __half* __restrict__ wgu, const __half* __restrict__ wdown, float* __restrict__ part,
-    unsigned* __restrict__ counters, float eps, int n_red) {
+    unsigned* __restrict__ counters, float eps, int n_red, int h_arg, int t_arg) {
   DTF_KERNEL_START(0);
+  // RT: the shapes are run-time values (hidden, rows per block, warps per block), as a generated kernel
+  // has them, so no loop below has a compile-time trip count; otherwise the template's constants
+  const int H = RT ? h_arg : ::H, T = RT ? t_arg : T_, NW = RT ? (int)(blockDim.x / 32) : NW_,
+            I = RT ? (int)gridDim.x * T : ::I;
   float* acc_cur = acc_cur_;
   extern __shared__ __align__(16) unsigned char probe_smem[];
   float* xs = reinterpret_cast<float*>(probe_smem);
@@ -96,8 +102,8 @@ __global__ void __launch_bounds__(32 * NW) mlp_split(__half* __restrict__ x, con
     hs[w + NW * k] = __half2float(__float2half_rn(s * __half2float(__float2half_rn(gu[1]))));
   });
   // down: this block's [hidden][T] slice; warp w the rows [w H/NW, (w+1) H/NW), LPR lanes per row
-  constexpr int LPR = T / 8, RPL = 32 / LPR, RPW = H / NW, NU = RPW / RPL, B = 8, NQ = NU / B;
-  static_assert(NU % (2 * B) == 0, "two batches per pass");
+  constexpr int B = 8;
+  const int LPR = T / 8, RPL = 32 / LPR, RPW = H / NW, NU = RPW / RPL, NQ = NU / B;   // NU % (2 B) == 0: two batches per pass
   const uint4* base = reinterpret_cast<const uint4*>(wdown + ((size_t)b * H + (size_t)warp * RPW) * T) + lane;
   const int rot = ROT ? b % NQ : 0;   // blocks start their rows at different batches: fewer same-address atomics at once
   auto qq = [&](int q) { return (q + rot) % NQ; };
@@ -239,15 +245,15 @@ static int wave(const void* k, int block, size_t smem) {
 }
 
 static void enqueue_attn_half(Bufs& B, cudaStream_t s, int l);
-template <int T, int MODE, int NW = 8, bool ROT = false>
+template <int T, int MODE, int NW = 8, bool ROT = false, bool RT = false>
 static void enqueue_split(Bufs& B, cudaStream_t s, int layers, int n_red, bool full = false) {
   size_t smem = (2 * H + T + (IS_ATOMIC(MODE) ? H : 0)) * 4;
   for (int l = 0; l < layers; ++l) {
     if (l > 0 && MODE == REDUCE) launch(reduce_partials<0>, H / 16, 256, 0, s, B.x, (const float*)B.part, I / T);
     if (l > 0 && MODE == REDUCE_EARLY) launch(reduce_partials<1>, H / 16, 256, 0, s, B.x, (const float*)B.part, I / T);
     if (full) enqueue_attn_half(B, s, l);
-    launch(mlp_split<T, MODE, NW, ROT>, I / T, 32 * NW, smem, s, B.x, (const float*)B.acc[(l + 2) % 3], B.acc[l % 3], B.acc[(l + 1) % 3],
-           (const __half*)B.gamma[l], (const __half*)B.wgu[l], (const __half*)B.wblk[l], B.part, B.counters, 1e-5f, n_red);
+    launch(mlp_split<T, MODE, NW, ROT, RT>, I / T, 32 * NW, smem, s, B.x, (const float*)B.acc[(l + 2) % 3], B.acc[l % 3], B.acc[(l + 1) % 3],
+           (const __half*)B.gamma[l], (const __half*)B.wgu[l], (const __half*)B.wblk[l], B.part, B.counters, 1e-5f, n_red, H, T);
   }
   if (MODE == REDUCE) launch(reduce_partials<0>, H / 16, 256, 0, s, B.x, (const float*)B.part, I / T);
   if (MODE == REDUCE_EARLY) launch(reduce_partials<1>, H / 16, 256, 0, s, B.x, (const float*)B.part, I / T);
@@ -351,19 +357,20 @@ int main() {
 
   const char* names[] = {"ticket", "atomic f32", "none (partials not summed)", "atomic f32 x4 (vector)", "atomic f64", "partials + reduce kernel", "partials + reduce kernel, early"};
   const int reps = 50;
-#define VARIANTS(X) X(32, 2, 8, false) X(32, 1, 8, false) X(32, 0, 8, false) X(32, 5, 8, false) X(64, 2, 8, false) X(64, 1, 8, false) \
-  X(64, 2, 16, false) X(64, 1, 16, false) X(64, 1, 16, true) X(64, 3, 16, true) X(64, 4, 16, false) X(64, 0, 16, false) \
-  X(64, 5, 16, false) X(64, 6, 16, false)
+#define VARIANTS(X) X(32, 2, 8, false, false) X(32, 1, 8, false, false) X(32, 0, 8, false, false) X(32, 5, 8, false, false) \
+  X(64, 2, 8, false, false) X(64, 1, 8, false, false) X(64, 2, 16, false, false) X(64, 1, 16, false, false) X(64, 1, 16, true, false) \
+  X(64, 3, 16, true, false) X(64, 4, 16, false, false) X(64, 0, 16, false, false) X(64, 5, 16, false, false) X(64, 6, 16, false, false) \
+  X(64, 2, 16, false, true) X(64, 6, 16, false, true)
   int last_T = 0;
   std::vector<float> ref;
-#define RUN(T_, M_, NW_, ROT_) { \
+#define RUN(T_, M_, NW_, ROT_, RT_) { \
     if (last_T != T_) { \
       for (int l = 0; l < L; ++l) repack<<<1024, 256>>>(B.wdown[l], B.wblk[l], T_); \
       CK(cudaDeviceSynchronize()); last_T = T_; \
       reset_x(); enqueue_shipped(B, s, 1); CK(cudaStreamSynchronize(s)); ref = read_x(B); \
     } \
     if (M_ != NONE && M_ != ATOMIC64) { \
-      reset_x(); enqueue_split<T_, M_, NW_, ROT_>(B, s, 1, I / T_ / 2); CK(cudaStreamSynchronize(s)); \
+      reset_x(); enqueue_split<T_, M_, NW_, ROT_, RT_>(B, s, 1, I / T_ / 2); CK(cudaStreamSynchronize(s)); \
       std::vector<float> got = read_x(B); \
       if (M_ != TICKET && M_ != REDUCE && M_ != REDUCE_EARLY) { std::vector<float> acc(H); CK(cudaMemcpy(acc.data(), B.acc[0], H * 4, cudaMemcpyDeviceToHost)); \
         for (int i = 0; i < H; ++i) got[i] = __half2float(__float2half_rn(got[i] + __half2float(__float2half_rn(acc[i])))); } \
@@ -372,9 +379,10 @@ int main() {
       std::printf("  check against the shipped kernels, one layer: max |x - shipped| %.3g (max |x| %.3g), %d of %d differ\n", md, mx, diff, H); \
       if (md > 2e-3 * mx) { std::printf("  MISMATCH\n"); std::exit(1); } \
     } \
-    double t = time_graph(s, [&] { enqueue_split<T_, M_, NW_, ROT_>(B, s, L, I / T_ / 2); }, reps); \
+    double t = time_graph(s, [&] { enqueue_split<T_, M_, NW_, ROT_, RT_>(B, s, L, I / T_ / 2); }, reps); \
     double t0 = time_graph(s, [&] { enqueue_shipped(B, s, L); }, reps); \
-    std::printf("T=%3d  %2d warps  %-28s %-8s %6.2f us per layer   (shipped, same run: %6.2f)\n", T_, NW_, names[M_], ROT_ ? "rotated" : "", t * 1e3 / L, t0 * 1e3 / L); \
+    std::printf("T=%3d  %2d warps  %-28s %-8s %-14s %6.2f us per layer   (shipped, same run: %6.2f)\n", T_, NW_, names[M_], ROT_ ? "rotated" : "", \
+                RT_ ? "run-time shape" : "", t * 1e3 / L, t0 * 1e3 / L); \
   }
   VARIANTS(RUN)
   // whole layers: q/k/v + attention + o-proj, then the MLP either way (T = 64, 16 warps)
@@ -386,7 +394,9 @@ int main() {
     double tn = time_graph(s, [&] { enqueue_split<64, NONE, 16, false>(B, s, L, 0, true); }, reps);
     double ta = time_graph(s, [&] { enqueue_split<64, ATOMIC, 16, true>(B, s, L, 0, true); }, reps);
     double te = time_graph(s, [&] { enqueue_split<64, REDUCE_EARLY, 16, false>(B, s, L, 0, true); }, reps);
-    std::printf("whole layer: split + reduce kernel that lets q/k/v launch as it starts %.2f us per layer\n", te * 1e3 / L);
+    double tt = time_graph(s, [&] { enqueue_split<64, REDUCE_EARLY, 16, false, true>(B, s, L, 0, true); }, reps);
+    std::printf("whole layer: split + reduce kernel that lets q/k/v launch as it starts %.2f us per layer; the same with run-time shapes %.2f\n",
+                te * 1e3 / L, tt * 1e3 / L);
     std::printf("whole layer (q/k/v, attention at 128 positions, o-proj, MLP), us per layer: shipped %.2f | split + reduce kernel %.2f"
                 " | split, atomic (q/k/v not reading the accumulator: a bound) %.2f | split, partials not summed %.2f\n",
                 t0 * 1e3 / L, tr * 1e3 / L, ta * 1e3 / L, tn * 1e3 / L);
