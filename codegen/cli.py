@@ -194,6 +194,11 @@ def cmd_bench(args) -> int:
     if args.timeline:
         from runtime.bench import print_timeline, run_timeline
         print_timeline(run_timeline(target, packed))
+    if args.compare == "generic":
+        g = run_bench(target, packed, tokens=args.tokens, shaped=False)
+        print(f"  generic kernels (shapes as run-time arguments), same run: {g.ms_per_token:8.3f} ms/token  "
+              f"{1e3 / g.ms_per_token:8.1f} tokens/s  = {100 * g.roofline_fraction:5.1f}% of copy bandwidth "
+              f"({g.copy_gbs:.1f} GB/s) -> shaped kernels are {g.ms_per_token / r.ms_per_token:5.3f}x faster")
     if args.compare == "hf":
         emb = next(w for w in target.packing["weights"] if w["role"] == "embedding")["dtype"]
         torch_dtype = emb if emb in ("f32", "f16", "bf16") else "f16"
@@ -251,7 +256,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cuda",
                    help="cpu: time the numpy reference backend instead")
-    p.add_argument("--compare", choices=("hf",), help="also time Hugging Face transformers on the same weights")
+    p.add_argument("--compare", choices=("hf", "generic"),
+                   help="also time Hugging Face transformers on the same weights (hf), or this target's generic "
+                        "kernels, which take the shapes as run-time arguments (generic)")
     p.add_argument("--timeline", action="store_true",
                    help="also replay the step with kernels that stamp the GPU clock (-DDTF_TRACE): per launch, when "
                         "its first block started and its wait released after the previous launch ended, and how "

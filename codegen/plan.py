@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from . import expr
 from .dtypes import DTYPES, DType
 from .kernels import FAMILIES, INDEX_KINDS, PREFETCH, PTR_KINDS, WORKSPACE, KernelFamily, field_short
 from .specs import Device, ModelSpec, Policy, Specs, check_runs_on
@@ -56,9 +57,14 @@ class KernelInstance:
     family: KernelFamily
     dtypes: dict[str, str]        # pointer param or role field ("compute", "norm.output", ...) -> dtype name
     early_dependents: bool = False  # lets the next launch start as it starts (the op's `dependents: early`)
+    launches: list[Launch] = field(default_factory=list)   # the ops that launch it: one shaped entry point each
 
     def t(self) -> dict[str, DType]:
         return {k: DTYPES[v] for k, v in self.dtypes.items()}
+
+    def param_names(self) -> list[str]:
+        """The C parameters in order: the family's, less a scale the weight does not have (manifest.json's)."""
+        return [p.name for p in self.family.params if p.scale_of is None or p.name in self.dtypes]
 
 
 @dataclass
@@ -74,6 +80,15 @@ class Launch:
     workspace: str = "0"          # bytes of the kernel's scratch (its WORKSPACE parameter), expression
     limits: tuple[tuple[str, int], ...] = ()   # the CUDA template's bounds on int arguments (KernelFamily.limits)
     variants: tuple = ()          # KernelFamily.variants: entry points launched instead when their bounds hold
+
+    def shaped(self, entry: str) -> str:
+        """The entry point compiled for this launch's shapes (with -DDTF_SHAPED): `entry` (the kernel or one
+        of its variants) with every int argument that has a `macro` replaced by that compile-time constant."""
+        return f"{entry}__{self.op}"
+
+    def shaped_args(self) -> list[str]:
+        """What the shaped entry passes its body: each argument's compile-time constant, or the argument."""
+        return [a.get("macro", a["param"]) for a in self.args]
 
 
 @dataclass
@@ -158,6 +173,7 @@ def _resolve_buffers(plan: Plan) -> None:
 
 def _resolve_launches(plan: Plan) -> None:
     m = plan.model
+    fixed = {s for s, c in m.config.items() if c.type == "int" and not c.per_run}
     for op in m.decode_step:
         if not _in_layout(op.layout, plan.layout):
             continue
@@ -208,6 +224,9 @@ def _resolve_launches(plan: Plan) -> None:
                 args.append(a)
             else:
                 args.append({"param": prm.name, "kind": prm.kind, "value": v})
+        for a in args:     # int arguments fixed by the checkpoint become compile-time constants of the shaped entries
+            if a["kind"] == "int" and expr.symbols_of(a["value"]) <= fixed:
+                a["macro"] = f"DTF_SHAPE_{op.op}_{a['param']}"
         for slot, fields in fam.slots.items():
             for f in fields:
                 dtypes[f"{slot}.{f}" if slot else f] = getattr(plan.roles[op.roles[slot]], f)
@@ -220,6 +239,7 @@ def _resolve_launches(plan: Plan) -> None:
                          for v in fam.variants)
         plan.launches.append(Launch(op.op, name, op.per_layer, args, tuned(fam.grid), tuned(fam.block), smem,
                                     fam.grid_stride, tuned(fam.workspace), fam.limits, variants))
+        plan.kernels[name].launches.append(plan.launches[-1])
 
 
 def _tuned(tuning: dict[str, int]):

@@ -62,9 +62,11 @@ def render_kernels(plan: Plan, digest: str) -> str:
 
 def manifest(plan: Plan, digest: str) -> dict:
     m = plan.model
+    cuda = plan.device.kind == "cuda"
     return {
         **_header(plan, digest),
-        "config": {s: {"hf": c.hf, "type": c.type, "default": c.default} for s, c in m.config.items()},
+        "config": {s: {"hf": c.hf, "type": c.type, "default": c.default, **({"per_run": True} if c.per_run else {})}
+                   for s, c in m.config.items()},
         "roles": {r: {f: v for f, v in vars(rd).items() if v is not None} for r, rd in plan.roles.items()},
         "buffers": [{"name": b.name, "dtype": b.dtype, "shape": b.shape} for b in plan.buffers.values()],
         "weights": [
@@ -80,13 +82,14 @@ def manifest(plan: Plan, digest: str) -> dict:
             for k in sorted(plan.kernels.values(), key=lambda k: k.name)
         ],
         "decode_step": [
-            {"op": l.op, "kernel": l.kernel, "per_layer": l.per_layer, "grid": l.grid, "block": l.block, "smem": l.smem,
+            {"op": l.op, "kernel": l.kernel, **({"shaped_kernel": l.shaped(l.kernel)} if cuda else {}), "per_layer": l.per_layer, "grid": l.grid, "block": l.block, "smem": l.smem,
              "grid_stride": l.grid_stride,
              **({"workspace": l.workspace} if l.workspace != "0" else {}),
-             **({"limits": dict(l.limits)} if l.limits and plan.device.kind == "cuda" else {}),
-             **({"variants": [{"kernel": f"{l.kernel}_{v.suffix}", "at_most": dict(v.at_most), "grid": v.grid}
-                              for v in l.variants]} if l.variants and plan.device.kind == "cuda" else {}),
-             "args": l.args}
+             **({"limits": dict(l.limits)} if l.limits and cuda else {}),
+             **({"variants": [{"kernel": f"{l.kernel}_{v.suffix}", "shaped_kernel": l.shaped(f"{l.kernel}_{v.suffix}"),
+                               "at_most": dict(v.at_most), "grid": v.grid}
+                              for v in l.variants]} if l.variants and cuda else {}),
+             "args": l.args if cuda else [{k: v for k, v in a.items() if k != "macro"} for a in l.args]}
             for l in plan.launches
         ],
     }

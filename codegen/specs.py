@@ -83,6 +83,9 @@ class ConfigSym:
     hf: str
     type: str
     default: Any = None        # literal, or an expression over other int symbols
+    # The runtime may change it from run to run (max_seq is capped to the prompt plus the new tokens),
+    # so no kernel is compiled with it as a constant; every other int symbol is fixed by the checkpoint.
+    per_run: bool = False
 
 
 @dataclass
@@ -154,10 +157,12 @@ def load_model(path: Path) -> ModelSpec:
     for s, c in d["config"].items():
         p = ("config", s)
         _ident(src, p, s)
-        _mapping(src, p, c, {"hf": str, "type": str}, {"default": (int, float, bool, str)})
+        _mapping(src, p, c, {"hf": str, "type": str}, {"default": (int, float, bool, str), "per_run": bool})
         if c["type"] not in CONFIG_TYPES:
             raise src.error(p + ("type",), c["type"], _allowed(CONFIG_TYPES))
-        config[s] = ConfigSym(s, c["hf"], c["type"], c.get("default"))
+        if c.get("per_run") and c["type"] != "int":
+            raise src.error(p + ("per_run",), c["per_run"], "only int symbols are compiled into kernels, so only they may be per_run")
+        config[s] = ConfigSym(s, c["hf"], c["type"], c.get("default"), c.get("per_run", False))
     ints = [s for s, c in config.items() if c.type == "int"]
     floats = [s for s, c in config.items() if c.type == "float"]
     for s, c in config.items():

@@ -29,6 +29,7 @@ class BenchResult:
     profile: list[tuple[str, int, float]]   # (kernel template/op, launches, ms per token)
     in_graph: list[tuple[str, int, float, int]]  # (op [kernel], launches, ms per token it adds to the graph,
                                                  #  weight bytes its launches read per token)
+    shaped: bool = True          # the entry points compiled for the model's shapes (else shapes as arguments)
 
     @property
     def gbs(self) -> float:
@@ -149,9 +150,9 @@ def graph_profile(be, full_ms: float, tokens: int) -> list[tuple[str, int, float
     return sorted(out, key=lambda r: -r[2])
 
 
-def run_bench(target, packed, tokens: int = 128, progress: bool = True) -> BenchResult:
+def run_bench(target, packed, tokens: int = 128, progress: bool = True, shaped: bool = True) -> BenchResult:
     from .cuda import CudaBackend
-    be = CudaBackend(target, packed, progress=progress)
+    be = CudaBackend(target, packed, progress=progress, shaped=shaped)
     drv = be.drv
     try:
         gpu = drv.Device(0).name()
@@ -168,7 +169,7 @@ def run_bench(target, packed, tokens: int = 128, progress: bool = True) -> Bench
         prof = profile_kernels(be)
         in_graph = graph_profile(be, ms, tokens)
         wb = weight_bytes_per_token(be.launches, be.table)
-        return BenchResult(target.name, gpu, tokens, ms, ms_host, wb, copy, prof, in_graph)
+        return BenchResult(target.name, gpu, tokens, ms, ms_host, wb, copy, prof, in_graph, be.shaped)
     finally:
         be.close()
 
@@ -260,7 +261,8 @@ def reference_ms_per_token(target, packed, tokens: int = 16) -> float:
 
 def print_result(r: BenchResult, out=sys.stdout, top: int = 12) -> None:
     p = lambda *a: print(*a, file=out)
-    p(f"target {r.target} on {r.gpu}, {r.tokens} tokens")
+    kind = "kernels compiled for this model's shapes" if r.shaped else "generic kernels (shapes as arguments)"
+    p(f"target {r.target} on {r.gpu}, {r.tokens} tokens, {kind}")
     p(f"  device-to-device copy bandwidth (this run): {r.copy_gbs:8.1f} GB/s")
     p(f"  weight bytes read per token:                {r.weight_bytes / 1e6:8.1f} MB")
     p(f"  decode, graph replay:   {r.ms_per_token:8.3f} ms/token  {1e3 / r.ms_per_token:8.1f} tokens/s  "

@@ -65,6 +65,7 @@ class BoundLaunch:
     smem: int                    # dynamic shared memory bytes
     grid_stride: bool = False    # the kernel is correct with any grid up to `grid`
     workspace: int = 0           # bytes of scratch the backend binds to the kernel's "workspace" argument
+    shaped_kernel: str | None = None   # the entry compiled for this model's shapes (-DDTF_SHAPED), if any
 
 
 def dtype_name(arr: np.ndarray) -> str:
@@ -161,13 +162,31 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundL
                                 f"{info.dtype}{list(found_shape)}")
             args.append(Arg(a["param"], a["kind"], buffer=name, offset=offset, shape=shape))
         ev = {**env, **scalars}
-        name, grid = kern["name"], launch["grid"]
+        name, grid, shaped = kern["name"], launch["grid"], launch.get("shaped_kernel")
         for v in launch.get("variants", []):     # the first entry point whose bounds hold replaces the kernel
             if all(scalars[p] <= most for p, most in v["at_most"].items()):
-                name, grid = v["kernel"], v["grid"]
+                name, grid, shaped = v["kernel"], v["grid"], v.get("shaped_kernel")
                 break
         out.append(BoundLaunch(launch["op"], i, name, kern["template"], dtypes, tuple(args),
                                _dim3(evaluate(grid, ev)), _dim3(evaluate(launch["block"], ev)),
                                int(evaluate(launch["smem"], ev)), bool(launch.get("grid_stride", False)),
-                               int(evaluate(launch.get("workspace", "0"), ev))))
+                               int(evaluate(launch.get("workspace", "0"), ev)), shaped))
     return out
+
+
+def shape_defines(manifest: dict, env: dict) -> tuple[str, ...] | None:
+    """The nvcc options that compile a target's shaped entry points for the model `env` describes:
+    -DDTF_SHAPED and each fixed int argument's value as its macro (manifest.json's "macro"), evaluated
+    from the same expressions, with the same config, as the arguments `bind` passes the generic entries.
+    None when the manifest has no shaped entries (a CPU target). Each model shape gets its own cubin."""
+    if not manifest["decode_step"] or any("shaped_kernel" not in l for l in manifest["decode_step"]):
+        return None
+    values = {}
+    for l in manifest["decode_step"]:
+        for a in l["args"]:
+            if "macro" in a:
+                v = values[a["macro"]] = int(evaluate(a["value"], env))
+                if not 0 <= v < 2 ** 31:
+                    raise BindError(f"kernel {l['kernel']} (op {l['op']}): {a['param']} = {a['value']} = {v} does not fit "
+                                    f"the kernel's int argument")
+    return ("-DDTF_SHAPED",) + tuple(f"-D{m}={v}" for m, v in sorted(values.items()))

@@ -1,7 +1,9 @@
 """The PyCUDA backend: compile a target's kernels, upload packed weights, replay the decode step.
 
 * Kernels are compiled for the GPU's own arch through ``codegen.compile`` (the same toolchain
-  code the tests use) into a persistent cache keyed by source, options, toolchain and arch.
+  code the tests use) into a persistent cache keyed by source, options, toolchain and arch. By
+  default the model's shapes are compiled in (``-DDTF_SHAPED``: one entry point per launch, its
+  shape arguments constants; ``runtime.binding.shape_defines``), so each model shape has its own cubin.
 * Weights go to the GPU exactly as the loader packed them; every launch is bound by
   ``runtime.binding``, which checks each argument's declared dtype and shape against the
   buffer bound to it before the first launch.
@@ -26,7 +28,7 @@ import numpy as np
 from codegen.compile import ARCH_RE, compile_cubin, toolchains_for
 from codegen.dtypes import DTYPES, INDEX_NP, from_storage
 
-from .binding import INDEX, BoundLaunch, bind, buffer_table
+from .binding import INDEX, BoundLaunch, bind, buffer_table, shape_defines
 from .errors import BackendUnavailable, KernelError
 
 CACHE = Path(os.environ.get("DTYPEFORGE_CACHE", Path.home() / ".cache" / "dtypeforge")) / "cubin"
@@ -72,7 +74,7 @@ def check_gpu_runs(manifest: dict, gpu: str, major: int, minor: int) -> None:
             f"(`codegen list` shows each spec's arch)")
 
 
-def cached_cubin(source: Path, arch: str, options=COMPILE_OPTIONS, progress: bool = True) -> Path:
+def cached_cubin(source: Path, arch: str, options=COMPILE_OPTIONS, progress: bool = True, what: str = "") -> Path:
     """Compile ``source`` for ``arch`` once; later calls (any process) reuse the cubin."""
     text = source.read_bytes()
     key = hashlib.sha256(b"\0".join([text, " ".join(options).encode(), toolchains_for(arch).encode(),
@@ -80,7 +82,7 @@ def cached_cubin(source: Path, arch: str, options=COMPILE_OPTIONS, progress: boo
     out = CACHE / f"{source.parent.name}.{arch}.{key}.cubin"
     if not out.exists():
         if progress:
-            print(f"compiling {source} for {arch} ...", file=sys.stderr, flush=True)
+            print(f"compiling {source} for {arch}{what} ...", file=sys.stderr, flush=True)
         compile_cubin(source, arch, out, options=options)     # writes atomically (tmp + rename)
     return out
 
@@ -198,7 +200,7 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, target, packed, *, use_graph: bool = True, progress: bool = True,
-                 options: tuple[str, ...] = COMPILE_OPTIONS):
+                 options: tuple[str, ...] = COMPILE_OPTIONS, shaped: bool = True):
         drv = self.drv = _driver()
         self.manifest, self.env = target.manifest, packed.env
         dev = drv.Device(0)
@@ -227,7 +229,12 @@ class CudaBackend:
             raise BackendUnavailable(f"target {target.name} needs {need / 2**30:.2f} GiB of device memory for this "
                                      f"model; the GPU has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB")
 
-        self.module = _Module(cached_cubin(target.path / "kernels.cu", self.arch, options, progress=progress))
+        # shaped: the entry points compiled for this model's shapes; else the generic ones (shapes as arguments)
+        defines = shape_defines(self.manifest, self.env) if shaped else None
+        self.shaped = defines is not None
+        self.entries = [l.shaped_kernel if self.shaped else l.kernel for l in self.launches]   # what each launch runs
+        self.module = _Module(cached_cubin(target.path / "kernels.cu", self.arch, tuple(options) + (defines or ()),
+                                           progress=progress, what=" with this model's shapes" if self.shaped else ""))
         self.stream = drv.Stream()
         # kernels generated with griddepcontrol (the device spec's programmatic_dependent_launch) on sm_90+
         self.pdl = bool(self.manifest.get("programmatic_dependent_launch")) and major >= 9
@@ -255,7 +262,7 @@ class CudaBackend:
         # every kernel may read what earlier steps wrote (pos, KV-cache rows < pos) before it waits.
         self.calls = []
         for i, l in enumerate(self.launches):
-            fn = self.module.function(l.kernel, l.smem)
+            fn = self.module.function(self.entries[i], l.smem)
             self.calls.append(_Launch(fn, l, self._args(l), self.stream, self.pdl and i > 0, self._grid(fn, l)))
         self.token = drv.pagelocked_zeros(1, np.int32)
         self.pos = drv.pagelocked_zeros(1, np.int32)

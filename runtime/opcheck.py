@@ -1,8 +1,8 @@
 """Op-by-op check of a target's GPU kernels against the reference backend's ops.
 
-As llama.cpp's test-backend-ops does for its backends: every distinct kernel of a target is
-launched alone on fresh random inputs (never zeros), its outputs first poisoned with NaN, and
-compared with the reference implementation of the same op under the same policy. The
+As llama.cpp's test-backend-ops does for its backends: every distinct entry point the backend
+launches (one per kernel, or with the model's shapes compiled in, one per op) is launched alone
+on fresh random inputs (never zeros), its outputs first poisoned with NaN, and compared with the reference implementation of the same op under the same policy. The
 reference's outputs start as NaN too, so an element the reference leaves unwritten (a KV
 cache row other than ``pos``) must stay unwritten on the GPU, and every element it writes
 must be written and agree within the error bound of its dtype. A grid-stride kernel is checked
@@ -52,22 +52,23 @@ def _fill(rng, info, shape, pos: int, vocab: int) -> np.ndarray:
 
 
 def check_target_ops(cuda_be, ref_be, seed: int = 0, pos: int = 37) -> list[OpResult]:
-    """Launch each distinct kernel of ``cuda_be`` alone and compare with ``ref_be`` (same target, same weights)."""
+    """Launch each distinct entry point of ``cuda_be`` alone and compare with ``ref_be`` (same target, same weights)."""
     rng = np.random.default_rng(seed)
     results, seen = [], set()
     for idx, launch in enumerate(cuda_be.launches):
-        if launch.kernel in seen:
+        entry = cuda_be.entries[idx]     # the shaped entries are one per op: each is checked
+        if entry in seen:
             continue
-        seen.add(launch.kernel)
+        seen.add(entry)
         variants = [("", cuda_be.calls[idx])]
         if launch.grid_stride:
             variants.append((" [1 block]", cuda_be.launch_with_grid(idx, (1, 1, 1))))
         for suffix, call in variants:
-            results.append(_check_one(cuda_be, ref_be, idx, launch, call, rng, pos, suffix))
+            results.append(_check_one(cuda_be, ref_be, idx, launch, call, rng, pos, entry + suffix))
     return results
 
 
-def _check_one(cuda_be, ref_be, idx, launch, call, rng, pos: int, suffix: str) -> OpResult:
+def _check_one(cuda_be, ref_be, idx, launch, call, rng, pos: int, name: str) -> OpResult:
     drv, table, env = cuda_be.drv, cuda_be.table, cuda_be.env
     _, ref_args, dtypes = ref_be.program[idx]
     outs = []
@@ -115,4 +116,4 @@ def _check_one(cuda_be, ref_be, idx, launch, call, rng, pos: int, suffix: str) -
         worst = max(worst, err)
         if err > tol:
             ok, detail = False, f"{a.param}: max scaled error {err:.3g} > {tol:.3g}"
-    return OpResult(launch.kernel + suffix, launch.op, worst, bound, ok, detail)
+    return OpResult(name, launch.op, worst, bound, ok, detail)

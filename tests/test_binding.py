@@ -123,3 +123,42 @@ def test_attention_launches_its_one_split_entry_point_exactly_when_the_context_f
         assert all(l.grid[0] == env["n_heads"] * blocks_per_head for l in att), max_seq
     ref = load_target(find_target("reference", "f16", "fused"))
     assert not any("variants" in l for l in ref.manifest["decode_step"])
+
+
+def test_shaped_entries_compile_the_models_shapes_but_not_the_context(tiny):
+    """With the model's shapes compiled in, each launch runs its own entry point (`<kernel>__<op>`, a
+    variant's too), and every int argument but max_seq becomes a -D constant with exactly the value the
+    generic entry would be passed. max_seq varies per run (the cache is capped to the prompt plus new
+    tokens), so two runs of one model with different contexts share one cubin."""
+    from runtime.binding import shape_defines
+    t = load_target(find_target("h100", "f16", "fused"))
+    by_context = {}
+    for max_seq in (64, 700):
+        p = pack_weights(t, tiny, max_seq=max_seq, progress=False)
+        launches = bind(t.manifest, p.env, buffer_table(t.manifest, p.env, p.arrays))
+        defines = shape_defines(t.manifest, p.env)
+        by_context[max_seq] = defines
+        assert defines[0] == "-DDTF_SHAPED"
+        consts = dict(d[2:].split("=") for d in defines[1:])
+        for l in launches:
+            assert l.shaped_kernel == f"{l.kernel}__{l.op}", l.op
+            for a in l.args:
+                if a.kind != "int":
+                    continue
+                macro = f"DTF_SHAPE_{l.op}_{a.param}"
+                if a.param == "max_seq":
+                    assert macro not in consts
+                else:
+                    assert int(consts[macro]) == a.value, macro
+        assert consts["DTF_SHAPE_down_proj_residual_cols"] == str(p.env["intermediate"])
+    assert by_context[64] == by_context[700]
+    ref = load_target(find_target("reference", "f16", "fused"))
+    assert shape_defines(ref.manifest, p.env) is None
+    assert not any("shaped_kernel" in l or any("macro" in a for a in l["args"]) for l in ref.manifest["decode_step"])
+
+
+def test_a_shape_too_large_for_an_int_argument_is_refused(packed):
+    from runtime.binding import shape_defines
+    t, p = packed
+    with pytest.raises(BindError, match=r"op lm_head\): rows = vocab = 4294967296 does not fit"):
+        shape_defines(t.manifest, {**p.env, "vocab": 2 ** 32})

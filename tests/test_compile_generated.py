@@ -1,6 +1,7 @@
 """Every generated target's kernels compile for its device's arch with the real toolchain:
 nvcc 13 for sm_75 to sm_121, CUDA 12.9 NVRTC + ptxas for the archs CUDA 13 dropped (the M40's sm_52,
-the P40's sm_61, the V100's sm_70).
+the P40's sm_61, the V100's sm_70). Both builds: the generic entry points (as generated), and the ones
+the runtime compiles with a model's shapes (-DDTF_SHAPED, here SmolLM2-135M's).
 
 Targets whose kernels differ only in the header comment (h100 and h200 share sm_90 and
 policies) are compiled once; the set of distinct sources is what the compiler must accept."""
@@ -16,6 +17,9 @@ import pytest
 from codegen.build import GENERATED
 from codegen.compile import compile_cubin, toolchains_for
 from codegen.expr import evaluate
+from runtime.binding import shape_defines
+from runtime.synth import hf_config
+from runtime.target import model_env
 
 REGISTER_FILE = 65536            # 32-bit registers per SM on every arch the specs name (sm_52 .. sm_121)
 
@@ -40,32 +44,36 @@ def test_every_arch_is_covered():
     assert {a for a, _ in SOURCES} == {"sm_52", "sm_61", "sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_121"}
 
 
-def _block_threads(manifest: dict) -> dict[str, int]:
-    """Threads per block of each kernel, its largest over the launches (a block that is an expression,
+def _block_threads(manifest: dict, shaped: bool) -> dict[str, int]:
+    """Threads per block of each entry point a launch may use (a kernel's or variant's, or with shapes
+    compiled in, its shaped entry), the largest over the launches (a block that is an expression,
     RoPE's head_dim // 2, at the largest head_dim attention supports, 256)."""
     out: dict[str, int] = {}
+    key = "shaped_kernel" if shaped else "kernel"
     for launch in manifest["decode_step"]:
         n = int(evaluate(launch["block"], {"head_dim": 256}))
-        for name in [launch["kernel"]] + [v["kernel"] for v in launch.get("variants", [])]:
+        for name in [launch[key]] + [v[key] for v in launch.get("variants", [])]:
             out[name] = max(n, out.get(name, 0))
     return out
 
 
 @pytest.mark.compile
+@pytest.mark.parametrize("shaped", [False, True], ids=["generic", "shaped"])
 @pytest.mark.parametrize("arch,target", SOURCES, ids=[t for _, t in SOURCES])
-def test_target_compiles(arch, target, tmp_path, caplog):
-    """The cubin holds every kernel, and (where nvcc builds it, so ptxas reports its resources) each
-    kernel's registers times its block size fit one SM's register file: otherwise every launch of it
+def test_target_compiles(arch, target, shaped, tmp_path, caplog):
+    """The cubin holds every entry point, and (where nvcc builds it, so ptxas reports its resources)
+    each one's registers times its block size fit one SM's register file: otherwise every launch of it
     fails with 'too many resources requested', on the GPU only. The attention kernel's 512 threads
     leave it 128 registers, exactly what it uses; its launch bound keeps it there."""
     via_nvcc = toolchains_for(arch).startswith("nvcc")
+    manifest = json.loads((GENERATED / target / "manifest.json").read_text())
+    defines = shape_defines(manifest, model_env(manifest, hf_config("smollm2-135m"), "smollm2-135m")) if shaped else ()
     with caplog.at_level(logging.DEBUG, logger="codegen.compile"):
         cubin = compile_cubin(GENERATED / target / "kernels.cu", arch, tmp_path / "k.cubin",
-                              options=("-Xptxas", "-v") if via_nvcc else ())
+                              options=(("-Xptxas", "-v") if via_nvcc else ()) + defines)
     data = cubin.read_bytes()
     assert data[:4] == b"\x7fELF"
-    manifest = json.loads((GENERATED / target / "manifest.json").read_text())
-    threads = _block_threads(manifest)      # every kernel and variant entry point a launch may use
+    threads = _block_threads(manifest, shaped)
     for name in threads:
         assert name.encode() in data, f"{name} missing from the {arch} cubin of {target}"
     if not via_nvcc:

@@ -65,19 +65,32 @@ def test_kernel_names_spell_every_dtype_and_are_unique():
         if plan.device.kind != "cuda":
             continue
         cu = (GENERATED / plan.target / "kernels.cu").read_text()
-        defined = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(', cu)
+        # entry point -> (its signature, the body it calls, the arguments it passes)
+        defined = {m[0]: m[1:] for m in re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)'
+                                                   r'\((.*?)\) \{\n  (\w+)_body\((.*?)\);\n\}', cu, re.S)}
+        n_defined = len(re.findall(r'extern "C" __global__', cu))
         entries = [(k, n) for k in plan.kernels.values() for n in [k.name] + [f"{k.name}_{v.suffix}" for v in k.family.variants]]
-        assert len(defined) == len(set(defined)) == len(entries), plan.target
+        shaped = {l.shaped(n): (l, n) for l in plan.launches for n in [l.kernel] + [f"{l.kernel}_{v.suffix}" for v in l.variants]}
+        assert n_defined == len(defined) == len(entries) + len(shaped), plan.target
         for k, name in entries:
-            assert name in defined
             for prm in k.family.params:
                 if prm.name in k.dtypes:
                     assert f"_{prm.short}{k.dtypes[prm.name]}" in k.name, (k.name, prm.name)
-            # the C signature (a variant's too) uses exactly the declared C types
-            sig = re.search(rf"void (?:__launch_bounds__\([^)]*\) )?{name}\((.*?)\)", cu, re.S).group(1)
+            # the body's C signature (a variant's too) uses exactly the declared C types, in the Plan's order
+            sig = re.search(rf"void {name}_body\((.*?)\) \{{", cu, re.S).group(1)
             for prm in k.family.params:
                 if prm.name in k.dtypes:
                     assert f"{DTYPES[k.dtypes[prm.name]].ctype}* __restrict__ {prm.name}" in sig, (name, prm.name, sig)
+            assert re.findall(r"(\w+)(?:,|$)", sig.strip()) == k.param_names(), (name, sig)
+            # the generic entry passes its arguments through, with the body's signature
+            assert defined[name] == (sig, name, ", ".join(k.param_names())), name
+        for entry, (launch, name) in shaped.items():
+            # a shaped entry has the same signature and passes each int argument's compile-time constant
+            sig, body, passed = defined[entry]
+            assert body == name and sig == defined[name][0], entry
+            consts = {a["param"]: a["macro"] for a in launch.args if "macro" in a}
+            assert passed.split(", ") == [consts.get(p, p) for p in plan.kernels[launch.kernel].param_names()], entry
+            assert {a["param"] for a in launch.args if a["kind"] == "int"} - set(consts) <= {"max_seq"}, entry
 
 
 def test_only_ops_marked_early_let_the_next_launch_start_at_once():
@@ -89,7 +102,7 @@ def test_only_ops_marked_early_let_the_next_launch_start_at_once():
     assert early_ops == {"o_proj_residual", "down_proj_residual"}
     plan = resolve(specs, "h200", "f16", "fused")
     cu = (GENERATED / plan.target / "kernels.cu").read_text()
-    starts = dict(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(.*?DTF_KERNEL_START\(([01])\)', cu, re.S))
+    starts = dict(re.findall(r'void (\w+)_body\([^{]*\{\n  DTF_KERNEL_START\(([01])\)', cu))
     for launch in plan.launches:
         early = launch.op in early_ops
         assert launch.kernel.endswith("_early") == early == plan.kernels[launch.kernel].early_dependents, launch.op

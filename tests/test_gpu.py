@@ -1,7 +1,8 @@
 """GPU tests: the generated kernels on a real GPU against the numpy reference backend.
 
-Op by op first (every distinct kernel of every target of this GPU's device, alone, on
-random inputs with poisoned outputs), then end to end on a synthetic SmolLM2-135M-shaped
+Op by op first (every distinct entry point of every target of this GPU's device, alone, on
+random inputs with poisoned outputs; by default the entries compiled for the model's shapes, one
+per op, and the generic ones where a test says so), then end to end on a synthetic SmolLM2-135M-shaped
 model for every shipped policy. Skipped, with the reason, where there is no GPU or PyCUDA
 (CI); run on the GPU machine with `tools/gpu_check.sh` and recorded in docs/gpu.md.
 """
@@ -66,10 +67,10 @@ def ragged(tmp_path_factory):
     return write_synthetic_model(tmp_path_factory.mktemp("ragged"), shape="ragged", seed=2)
 
 
-def _pair(model_dir, policy, layout, max_seq):
+def _pair(model_dir, policy, layout, max_seq, shaped=True):
     t = load_target(find_target(DEVICE, policy, layout))
     packed = pack_weights(t, model_dir, max_seq=max_seq, progress=False)
-    return t, CudaBackend(t, packed, progress=False), ReferenceBackend(t.manifest, packed)
+    return t, CudaBackend(t, packed, progress=False, shaped=shaped), ReferenceBackend(t.manifest, packed)
 
 
 def _failures(results) -> str:
@@ -85,8 +86,9 @@ def test_each_kernel_matches_reference_op(smol, policy, layout):
         results = check_target_ops(gpu, ref, seed=hash((policy, layout)) % 1000, pos=37)
     finally:
         gpu.close()
-    n_grid_stride = len({l.kernel for l in gpu.launches if l.grid_stride})
-    assert len(results) == len(t.manifest["kernels"]) + n_grid_stride
+    assert gpu.shaped     # one entry point per op, each checked
+    n_grid_stride = len({e for e, l in zip(gpu.entries, gpu.launches) if l.grid_stride})
+    assert len(results) == len({l["op"] for l in t.manifest["decode_step"]}) + n_grid_stride
     failed = _failures(results)
     assert not failed, failed
 
@@ -144,15 +146,38 @@ def test_gpu_name_selects_a_device_spec():
     assert any(names_gpu(g, gpu_name()) for g in SPECS.devices[DEVICE].gpu_names)
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_shaped_kernels_compute_exactly_what_the_generic_ones_do(smol, policy):
+    """The entry points compiled for the model's shapes run the same code with constants in place of
+    the shape arguments: every logit of every prefill step and the greedy tokens are bit for bit
+    those of the generic entry points (shapes as arguments)."""
+    t = load_target(find_target(DEVICE, policy, "fused"))
+    packed = pack_weights(t, smol, max_seq=64, progress=False)
+    shaped, generic = CudaBackend(t, packed, progress=False), CudaBackend(t, packed, progress=False, shaped=False)
+    try:
+        assert shaped.shaped and not generic.shaped and set(shaped.entries).isdisjoint(generic.entries)
+        for be in (shaped, generic):
+            be.reset()
+        for pos, tok in enumerate(PROMPT):
+            a, b = shaped.step(tok, pos), generic.step(tok, pos)
+            assert np.array_equal(a, b), f"{policy}, pos {pos}: {int((a != b).sum())} logits differ"
+        first = int(a.argmax())
+        assert shaped.greedy(first, len(PROMPT), 16) == generic.greedy(first, len(PROMPT), 16)
+    finally:
+        shaped.close(), generic.close()
+
+
 @pytest.mark.parametrize("max_seq,pos", [(64, 37), (1024, 700)])
+@pytest.mark.parametrize("shaped", [True, False], ids=["shaped", "generic"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("policy", ["f32", "f16", "fp8-e4m3-weights"])
-def test_ragged_shapes_match_reference_ops(ragged, policy, layout, max_seq, pos):
+def test_ragged_shapes_match_reference_ops(ragged, policy, layout, shaped, max_seq, pos):
     """hidden 72, intermediate 100, head_dim 24: fp8 rows (72 B) and the f16 down projection (100
     columns) are not whole 16-byte vectors and head_dim 24 is below attention's vector path, so the
     GEMVs' scalar loads and the general attention path run, in the one-split attention kernel
-    (max_seq 64) and in the split one (1024); every kernel must still match its op."""
-    t, gpu, ref = _pair(ragged, policy, layout, max_seq=max_seq)
+    (max_seq 64) and in the split one (1024); every kernel must still match its op, with these shapes
+    compiled in and as arguments."""
+    t, gpu, ref = _pair(ragged, policy, layout, max_seq=max_seq, shaped=shaped)
     try:
         results = check_target_ops(gpu, ref, seed=5, pos=pos)
     finally:

@@ -288,6 +288,15 @@ def test_op_dependents_is_validated(specs_dir, capsys):
                       "allowed: after_wait, early")
 
 
+def test_per_run_applies_to_int_symbols_only(specs_dir, capsys):
+    """`per_run` keeps a symbol out of the compiled shapes; a float is never compiled in, so it is refused there."""
+    f = specs_dir / "models/llama.yaml"
+    line = edit(f, "rope_theta:     {hf: rope_theta, type: float,", "rope_theta:     {hf: rope_theta, type: float, per_run: true,")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "config.rope_theta.per_run", "only int symbols")
+    line = edit(f, "per_run: true,", "per_run: yes please,")
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "config.rope_theta.per_run", "'yes please'")
+
+
 def test_spec_error_is_a_one_line_message_not_a_traceback(specs_dir, capsys):
     f = specs_dir / "policies/f16.yaml"
     edit(f, "v_proj:      {storage: f16,", "v_proj:      {storage: 16,")
