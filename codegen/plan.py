@@ -62,9 +62,12 @@ class KernelInstance:
     def t(self) -> dict[str, DType]:
         return {k: DTYPES[v] for k, v in self.dtypes.items()}
 
-    def param_names(self) -> list[str]:
+    def params(self) -> list:
         """The C parameters in order: the family's, less a scale the weight does not have (manifest.json's)."""
-        return [p.name for p in self.family.params if p.scale_of is None or p.name in self.dtypes]
+        return [p for p in self.family.params if p.scale_of is None or p.name in self.dtypes]
+
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.params()]
 
 
 @dataclass
@@ -173,7 +176,8 @@ def _resolve_buffers(plan: Plan) -> None:
 
 def _resolve_launches(plan: Plan) -> None:
     m = plan.model
-    fixed = {s for s, c in m.config.items() if c.type == "int" and not c.per_run}
+    # int symbols fixed by the checkpoint: compiled into a CUDA target's shaped entry points (none on the CPU)
+    fixed = {s for s, c in m.config.items() if c.type == "int" and not c.per_run} if plan.device.kind == "cuda" else set()
     for op in m.decode_step:
         if not _in_layout(op.layout, plan.layout):
             continue
@@ -225,7 +229,7 @@ def _resolve_launches(plan: Plan) -> None:
             else:
                 args.append({"param": prm.name, "kind": prm.kind, "value": v})
         for a in args:     # int arguments fixed by the checkpoint become compile-time constants of the shaped entries
-            if a["kind"] == "int" and expr.symbols_of(a["value"]) <= fixed:
+            if fixed and a["kind"] == "int" and expr.symbols_of(a["value"]) <= fixed:
                 a["macro"] = f"DTF_SHAPE_{op.op}_{a['param']}"
         for slot, fields in fam.slots.items():
             for f in fields:

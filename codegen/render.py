@@ -77,7 +77,7 @@ def manifest(plan: Plan, digest: str) -> dict:
         "kernels": [
             {"name": k.name, "template": k.family.template,
              "params": [{"name": p.name, "kind": p.kind, **({"dtype": k.dtypes[p.name]} if p.name in k.dtypes else {})}
-                        for p in k.family.params if p.scale_of is None or p.name in k.dtypes],
+                        for p in k.params()],
              "roles": {f: k.dtypes[f] for f in k.family.role_fields}}
             for k in sorted(plan.kernels.values(), key=lambda k: k.name)
         ],
@@ -89,7 +89,7 @@ def manifest(plan: Plan, digest: str) -> dict:
              **({"variants": [{"kernel": f"{l.kernel}_{v.suffix}", "shaped_kernel": l.shaped(f"{l.kernel}_{v.suffix}"),
                                "at_most": dict(v.at_most), "grid": v.grid}
                               for v in l.variants]} if l.variants and cuda else {}),
-             "args": l.args if cuda else [{k: v for k, v in a.items() if k != "macro"} for a in l.args]}
+             "args": l.args}
             for l in plan.launches
         ],
     }

@@ -2,10 +2,11 @@
 
 As llama.cpp's test-backend-ops does for its backends: every distinct entry point the backend
 launches (one per kernel, or with the model's shapes compiled in, one per op) is launched alone
-on fresh random inputs (never zeros), its outputs first poisoned with NaN, and compared with the reference implementation of the same op under the same policy. The
-reference's outputs start as NaN too, so an element the reference leaves unwritten (a KV
-cache row other than ``pos``) must stay unwritten on the GPU, and every element it writes
-must be written and agree within the error bound of its dtype. A grid-stride kernel is checked
+on fresh random inputs (never zeros), its outputs first poisoned with NaN, and compared with the
+reference implementation of the same op under the same policy. The reference's outputs start
+as NaN too, so an element the reference leaves unwritten (a KV cache row other than ``pos``)
+must stay unwritten on the GPU, and every element it writes must be written and agree within
+the error bound of its dtype. A grid-stride kernel is checked
 twice: with the grid the runtime launches and with a single block, whose warps then each loop
 over many rows (the path a long row count takes on a full GPU).
 """
