@@ -32,8 +32,11 @@ CAPABILITIES = {"native_f16_arith": bool, "native_bf16_arith": bool, "fp8_conver
 #   gemv_loads: 16-byte weight loads per lane per batch in the GEMV kernels (two batches in flight)
 #   l2_prefetch_kib: KiB of the next GEMV's weight that attention asks the L2 to fetch (0: none; sm_90+)
 #   attn_threads: threads per decode-attention block (one block per head and split; 128 registers each)
+#   gemv_rotate_batches: a GEMV warp whose rows take at least this many batches starts each row at the
+#     batch its warp index selects (rotated), not at the row's first (0: never); the same products and
+#     sums, added in another order
 TUNING = {"gemv_loads": (8, (2, 4, 8, 16)), "l2_prefetch_kib": (0, (0, 1024, 2048, 4096, 8192, 16384, 32768)),
-          "attn_threads": (512, (128, 256, 512))}
+          "attn_threads": (512, (128, 256, 512)), "gemv_rotate_batches": (0, (0, 2, 3, 4, 8, 16))}
 PREFETCH_MIN_ARCH = 90   # cp.async.bulk.prefetch.L2
 CONFIG_TYPES = {"int": int, "float": float, "bool": bool}
 

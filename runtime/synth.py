@@ -36,6 +36,10 @@ SHAPES = {
     # attention splits, for GPU op checks
     "wide": dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                  intermediate_size=256, vocab_size=512, max_position_embeddings=4096, rope_theta=500000.0),
+    # GEMV rows of many 16-byte-load batches (the down projection's 8800 columns: 5 batches of f16, 9 of
+    # f32, the last one partial), where the device spec may rotate each warp's first batch, for GPU op checks
+    "long_rows": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      intermediate_size=8800, vocab_size=512, max_position_embeddings=256, rope_theta=10000.0),
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          head_dim=64, intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
                          rope_theta=100000.0),

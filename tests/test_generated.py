@@ -167,7 +167,8 @@ def test_row_kernels_are_grid_stride_and_the_manifest_says_so():
 
 
 def test_device_tuning_reaches_the_kernels_and_compiles(tmp_path):
-    """tuning.gemv_loads becomes DTF_GEMV_LOADS in kernels.cu, and the kernels still build with it."""
+    """tuning.gemv_loads becomes DTF_GEMV_LOADS in kernels.cu (and each knob its #define), and the
+    kernels still build with it."""
     import shutil
     from codegen.compile import compile_cubin
     from codegen.specs import DEFAULT_SPECS
@@ -183,6 +184,8 @@ def test_device_tuning_reaches_the_kernels_and_compiles(tmp_path):
     assert "#define DTF_GEMV_LOADS 8\n" in (GENERATED / "h100.fp8-e4m3-weights.fused" / "kernels.cu").read_text()
     assert "#define DTF_L2_PREFETCH_KIB 4096\n" in cu.read_text()     # h100's; h200's is still 0
     assert "#define DTF_L2_PREFETCH_KIB 0\n" in (GENERATED / "h200.f16.fused" / "kernels.cu").read_text()
+    assert "#define DTF_GEMV_ROTATE_BATCHES 0\n" in cu.read_text()   # h100's default; h200 rotates rows of 4+ batches
+    assert "#define DTF_GEMV_ROTATE_BATCHES 4\n" in (GENERATED / "h200.f16.fused" / "kernels.cu").read_text()
     assert compile_cubin(cu, "sm_90").stat().st_size > 0
 
 

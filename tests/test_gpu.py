@@ -63,6 +63,11 @@ def wide(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def long_rows(tmp_path_factory):
+    return write_synthetic_model(tmp_path_factory.mktemp("long_rows"), shape="long_rows", seed=4)
+
+
+@pytest.fixture(scope="module")
 def ragged(tmp_path_factory):
     return write_synthetic_model(tmp_path_factory.mktemp("ragged"), shape="ragged", seed=2)
 
@@ -193,6 +198,22 @@ def test_wide_hidden_matches_reference_ops(wide, policy):
     t, gpu, ref = _pair(wide, policy, "fused", max_seq=64)
     try:
         results = check_target_ops(gpu, ref, seed=7, pos=37)
+    finally:
+        gpu.close()
+    failed = _failures(results)
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("shaped", [True, False], ids=["shaped", "generic"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("policy", ["f32", "f16", "fp8-e4m3-weights", "int8-weights"])
+def test_long_rows_match_reference_ops(long_rows, policy, layout, shaped):
+    """A down projection of 8800 columns: rows of 3 to 9 batches of loads, the last one partial, so
+    where the device spec's tuning.gemv_rotate_batches applies, warps start their rows at rotated
+    batches (and wrap through the partial one)."""
+    t, gpu, ref = _pair(long_rows, policy, layout, max_seq=64, shaped=shaped)
+    try:
+        results = check_target_ops(gpu, ref, seed=11, pos=21)
     finally:
         gpu.close()
     failed = _failures(results)

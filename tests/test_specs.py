@@ -269,11 +269,14 @@ def test_device_tuning_is_validated(specs_dir, capsys, text, key, message):
     ("devices/m40.yaml", "  gemv_loads: 8\n", "  l2_prefetch_kib: 4096\n  gemv_loads: 8\n", "tuning.l2_prefetch_kib",
      "needs sm_90 or newer"),
     ("devices/h100.yaml", "  l2_prefetch_kib: 4096\n", "  l2_prefetch_kib: 5000\n", "tuning.l2_prefetch_kib", "allowed: 0, 1024"),
+    ("devices/h200.yaml", "  gemv_rotate_batches: 4\n", "  gemv_rotate_batches: 5\n", "tuning.gemv_rotate_batches",
+     "allowed: 0, 2, 3, 4, 8, 16"),
     ("models/llama.yaml", "prefetch: wgate_up}}", "prefetch: attn}}", "prefetch", "names a packed weight"),
 ])
 def test_l2_prefetch_values_are_validated(specs_dir, capsys, spec, old, new, key, message):
     """cp.async.bulk.prefetch is sm_90+ and its size one of the listed; the attention op's `prefetch`
-    names what it asks the L2 for, a packed weight (a buffer is refused)."""
+    names what it asks the L2 for, a packed weight (a buffer is refused); a GEMV's rotation threshold
+    is one of the listed too."""
     f = specs_dir / spec
     line = edit(f, old, new)
     assert_spec_error(*run_cli(specs_dir, capsys), f, line, key, message)
