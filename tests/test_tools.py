@@ -50,3 +50,15 @@ def test_every_gpu_probe_builds_against_the_current_generated_kernels(tmp_path: 
         done = subprocess.run(["nvcc", "-O3", "-arch=sm_90", "-std=c++17", "-o", str(tmp_path / probe.stem), str(probe)],
                               capture_output=True, text=True, cwd=ROOT)
         assert done.returncode == 0, f"{probe.name}: {done.stderr[-2000:]}"
+
+
+def test_every_python_gpu_tool_imports_against_the_current_runtime() -> None:
+    """tools/*.py run by hand on the GPU machine (docs/PERF.md quotes them) reach into runtime/ for the
+    graph and launch helpers; importing them here, where no GPU is needed to import, fails when a name
+    they use has moved, rather than on the device."""
+    tools = sorted((ROOT / "tools").glob("*.py"))
+    assert any(t.name == "gpu_isolate.py" for t in tools)
+    for tool in tools:
+        done = subprocess.run([sys.executable, "-c", f"import runpy; runpy.run_path({str(tool)!r}, run_name='probe')"],
+                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, f"{tool.name}: {done.stderr[-2000:]}"
