@@ -83,6 +83,16 @@ def _failures(results) -> str:
     return "\n".join(f"{r.kernel} ({r.op}): {r.detail}" for r in results if not r.ok)
 
 
+def _op_check_failures(model_dir, policy, layout, *, max_seq, seed, pos, shaped=True) -> str:
+    """Every entry point of the target checked alone against its reference op (check_target_ops);
+    the failures, as _failures gives them."""
+    _, gpu, ref = _pair(model_dir, policy, layout, max_seq=max_seq, shaped=shaped)
+    try:
+        return _failures(check_target_ops(gpu, ref, seed=seed, pos=pos))
+    finally:
+        gpu.close()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_each_kernel_matches_reference_op(smol, policy, layout):
@@ -182,12 +192,7 @@ def test_ragged_shapes_match_reference_ops(ragged, policy, layout, shaped, max_s
     GEMVs' scalar loads and the general attention path run, in the one-split attention kernel
     (max_seq 64) and in the split one (1024); every kernel must still match its op, with these shapes
     compiled in and as arguments."""
-    t, gpu, ref = _pair(ragged, policy, layout, max_seq=max_seq, shaped=shaped)
-    try:
-        results = check_target_ops(gpu, ref, seed=5, pos=pos)
-    finally:
-        gpu.close()
-    failed = _failures(results)
+    failed = _op_check_failures(ragged, policy, layout, max_seq=max_seq, seed=5, pos=pos, shaped=shaped)
     assert not failed, failed
 
 
@@ -195,12 +200,7 @@ def test_ragged_shapes_match_reference_ops(ragged, policy, layout, shaped, max_s
 def test_wide_hidden_matches_reference_ops(wide, policy):
     """hidden 2048, as Llama-3.2-1B (whose full checkpoint is too large for the suite): every thread
     of a norm kernel stages a 16-byte vector of x, and each GEMV row spans a whole batch of loads."""
-    t, gpu, ref = _pair(wide, policy, "fused", max_seq=64)
-    try:
-        results = check_target_ops(gpu, ref, seed=7, pos=37)
-    finally:
-        gpu.close()
-    failed = _failures(results)
+    failed = _op_check_failures(wide, policy, "fused", max_seq=64, seed=7, pos=37)
     assert not failed, failed
 
 
@@ -211,12 +211,7 @@ def test_long_rows_match_reference_ops(long_rows, policy, layout, shaped):
     """A down projection of 8800 columns: rows of 3 to 9 batches of loads, the last one partial, so
     where the device spec's tuning.gemv_rotate_batches applies, warps start their rows at rotated
     batches (and wrap through the partial one)."""
-    t, gpu, ref = _pair(long_rows, policy, layout, max_seq=64, shaped=shaped)
-    try:
-        results = check_target_ops(gpu, ref, seed=11, pos=21)
-    finally:
-        gpu.close()
-    failed = _failures(results)
+    failed = _op_check_failures(long_rows, policy, layout, max_seq=64, seed=11, pos=21, shaped=shaped)
     assert not failed, failed
 
 
