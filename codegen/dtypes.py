@@ -10,6 +10,8 @@ computes with are rounded by the same code.
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -317,3 +319,55 @@ def dequantize_per_output_channel(q, scales_f32, storage_name: str) -> np.ndarra
     if values.ndim != 2 or scales.shape != (values.shape[0],):
         raise ValueError(f"expected q [rows, cols] and scales [rows], got shapes {values.shape} and {scales.shape}")
     return values * scales[:, None]
+
+
+# --------------------------------------------------------------------------------------
+# Range: which magnitudes a storage dtype keeps finite, by the conversions above.
+# --------------------------------------------------------------------------------------
+
+def max_finite(name: str) -> float:
+    """Largest finite magnitude of storage dtype ``name`` (int8: 127, its symmetric range)."""
+    _check_name(name, STORAGE_DTYPES, "storage dtype")
+    if name == "int8":
+        return _QUANT_MAX["int8"]
+    return float(ml_dtypes.finfo(DTYPES[name].np_dtype).max)
+
+
+@functools.cache
+def overflow_threshold(name: str) -> float:
+    """Smallest float32 magnitude that ``to_storage(.., name)`` turns into inf.
+
+    Values a little above ``max_finite`` round back to it (RNE: up to half an ulp past it,
+    the tie going to inf, whose mantissa is even), so the limit is not the max itself. It is
+    found by bisection over float32 bit patterns with the conversion, so it cannot disagree
+    with it. inf where no finite value overflows: f32, and fp8e4m3 (saturating, and only
+    ever stored with a scale)."""
+    _check_name(name, STORAGE_DTYPES, "storage dtype")
+    if name == "int8":
+        raise ValueError("int8 is only stored with a scale; its range is the scale's (see storage_holds)")
+
+    def overflows(bits: int) -> bool:
+        return bool(np.isinf(round_to(np.array([bits], _U32).view(np.float32), name))[0])
+
+    lo = int(np.array([max_finite(name)], np.float32).view(_U32)[0])   # the max converts to itself
+    hi = _F32_INF_BITS
+    if not overflows(hi):
+        return math.inf
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if overflows(mid) else (mid, hi)
+    return float(np.array([hi], _U32).view(np.float32)[0])
+
+
+def storage_holds(max_abs: float, storage: str, scale: str | None = None) -> bool:
+    """Whether finite float32 weights of largest magnitude ``max_abs`` pack into ``storage``
+    without overflow: below its overflow threshold, or, quantized, when the per-row scale
+    max_abs / (127 or 448) stays finite in ``scale`` (what quantize_per_output_channel needs)."""
+    _check_name(storage, STORAGE_DTYPES, "storage dtype")
+    if not DTYPES[storage].quantized:
+        return max_abs < overflow_threshold(storage)
+    if scale is None:
+        raise ValueError(f"{storage} is stored with a scale: pass its dtype")
+    _check_name(scale, SCALE_DTYPES, "scale dtype")
+    s = np.array([max_abs], np.float32) / np.float32(_QUANT_MAX[storage])
+    return bool(np.isfinite(round_to(s, scale))[0])

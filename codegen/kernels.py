@@ -107,7 +107,7 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  {"": _MAIN}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols", grid_stride=True),
     KernelFamily("rope",
                  (Param("q", "inout", "q"), Param("k", "inout", "k"), Param("pos", "index_in"),
-                  Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("theta", "float")),
+                  Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("inv_freq", "in", "f")),
                  {"": ("compute",)}, "n_heads + n_kv_heads", "head_dim // 2"),
     KernelFamily("kv_append",
                  (Param("k", "in", "k"), Param("v", "in", "v"), Param("k_cache", "out", "c"), Param("v_cache", "out", "d"),
@@ -142,7 +142,7 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  _NORM_IN + _GEMV + (Param("q", "out", "q"), Param("k_cache", "out", "k"), Param("v_cache", "out", "v"),
                                      Param("pos", "index_in"), Param("cols", "int"), Param("n_heads", "int"),
                                      Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("eps", "float"),
-                                     Param("theta", "float")),
+                                     Param("inv_freq", "in", "f")),
                  {**_NORM, "": _MAIN + ("output",), "rope": ("compute",)},
                  f"cdiv((n_heads + 2 * n_kv_heads) * (head_dim // 2), {WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
     KernelFamily("gemv_residual",         # x += W a  (GEMV, then the residual add in the epilogue)

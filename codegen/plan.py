@@ -42,6 +42,7 @@ class PackedWeight:
     scale: str | None             # name of the packed scale buffer
     scale_dtype: str | None
     tied_to: dict | None          # {"source": hf name, "when": config symbol} for tied tensors
+    computed: str | None = None   # made by the loader from config.json (the model spec section), not read
 
 
 @dataclass
@@ -164,7 +165,8 @@ def _resolve_weights(plan: Plan) -> None:
         plan.weights[w.name] = PackedWeight(
             name=name, role=w.roles[0], sources=[t.hf for t in tensors], source_shapes=[list(t.shape) for t in tensors],
             shape=shape, per_layer=per_layer, storage=rd.storage, quant=rd.quant,
-            scale=f"{name}.scale" if rd.quant else None, scale_dtype=rd.scale, tied_to=tied)
+            scale=f"{name}.scale" if rd.quant else None, scale_dtype=rd.scale, tied_to=tied,
+            computed=tensors[0].computed)
 
 
 def _resolve_buffers(plan: Plan) -> None:

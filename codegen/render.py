@@ -65,8 +65,12 @@ def manifest(plan: Plan, digest: str) -> dict:
     cuda = plan.device.kind == "cuda"
     return {
         **_header(plan, digest),
-        "config": {s: {"hf": c.hf, "type": c.type, "default": c.default, **({"per_run": True} if c.per_run else {})}
+        "config": {s: {"hf": list(c.hf), "type": c.type, "default": c.default, **({"per_run": True} if c.per_run else {})}
                    for s, c in m.config.items()},
+        "architectures": list(m.architectures),
+        "rope": {"theta": m.rope.theta, "keys": list(m.rope.keys), "types": {t: list(ps) for t, ps in m.rope.types.items()}},
+        "gate": {k: {"values": list(g.values), **({"or_at_least": g.or_at_least} if g.or_at_least else {})}
+                 for k, g in m.gate.items()},
         "roles": {r: {f: v for f, v in vars(rd).items() if v is not None} for r, rd in plan.roles.items()},
         "buffers": [{"name": b.name, "dtype": b.dtype, "shape": b.shape} for b in plan.buffers.values()],
         "weights": [
@@ -107,13 +111,14 @@ def packing(plan: Plan, digest: str) -> dict:
             transforms.append({"op": "cast", "dtype": w.storage})
         out.append({
             "name": w.name, "role": w.role, "per_layer": w.per_layer,
-            "sources": [{"name": s, "shape": sh} for s, sh in zip(w.sources, w.source_shapes)],
+            "sources": [{"name": s, "shape": sh, **({"computed": w.computed} if w.computed else {})}
+                        for s, sh in zip(w.sources, w.source_shapes)],
             **({"tied_to": w.tied_to} if w.tied_to else {}),
             "transforms": transforms,
             "dtype": w.storage, "shape": w.shape,
             **({"scale": {"name": w.scale, "dtype": w.scale_dtype, "shape": [w.shape[0]]}} if w.scale else {}),
         })
-    return {**_header(plan, digest), "weights": out}
+    return {**_header(plan, digest), "weights": out, "ignored_tensors": list(plan.model.ignored_tensors)}
 
 
 def _json(obj: dict) -> str:

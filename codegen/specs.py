@@ -7,6 +7,7 @@ with known symbols, every policy is complete, and every device's default policy 
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,12 +79,38 @@ def _expr(src: Source, path: tuple, text: Any, symbols) -> str:
         raise src.error(path, text, str(e)) from None
 
 
+def _sample_envs(ints) -> list[dict[str, int]]:
+    """Positive values for the int symbols: all equal, and distinct powers of two both ways round,
+    so a difference of two symbols is positive under at least one of them when it can be."""
+    names = sorted(ints)
+    return [{s: 64 for s in names}, {s: 2 << i for i, s in enumerate(names)},
+            {s: 2 << (len(names) - 1 - i) for i, s in enumerate(names)}]
+
+
+def _shape_dim(src: Source, path: tuple, text: Any, ints) -> str:
+    """``_expr`` for one dimension of a shape, which must also be positive for some positive config:
+    a dimension that is zero or negative whatever the checkpoint says (``0``, ``n - n``, ``1 // dim``)
+    would give empty or negative allocations far from the spec line that caused them."""
+    canon = _expr(src, path, text, ints)
+    values = []
+    for env in _sample_envs(ints):
+        try:
+            values.append(expr.evaluate(canon, env))
+        except ZeroDivisionError:
+            values.append("a division by zero")
+    if not any(isinstance(v, (int, float)) and v > 0 for v in values):
+        shown = ", ".join(map(str, dict.fromkeys(values)))
+        raise src.error(path, text, f"a dimension must be positive, but this is {shown} for every positive config tried "
+                        f"(all int symbols 64, or distinct powers of two)")
+    return canon
+
+
 # ----------------------------------------------------------------------------- model
 
 @dataclass
 class ConfigSym:
     name: str
-    hf: str
+    hf: tuple[str, ...]        # config.json keys, first present wins; a dotted key reads inside a mapping
     type: str
     default: Any = None        # literal, or an expression over other int symbols
     # The runtime may change it from run to run (max_seq is capped to the prompt plus the new tokens),
@@ -94,11 +121,31 @@ class ConfigSym:
 @dataclass
 class Tensor:
     name: str
-    hf: str
+    hf: str                    # the checkpoint's name, or for a computed tensor the spec's own name
     shape: tuple[str, ...]
     per_layer: bool
     tied_to: str | None
     tied_when: str | None
+    computed: str | None = None   # not in the checkpoint: made from config.json by this section ("rope")
+
+
+@dataclass
+class RopeSpec:
+    """Where config.json declares RoPE and which of its types this spec computes (runtime/rope.py)."""
+    theta: str                           # the float config symbol holding the base
+    keys: tuple[str, ...]                # config keys that may hold the scaling mapping, first present wins
+    types: dict[str, tuple[str, ...]]    # rope_type -> the parameters it needs
+
+
+@dataclass
+class GateRule:
+    """A config.json key that changes the math: the values this spec computes."""
+    values: tuple                        # allowed values; None means the key may be absent or null
+    or_at_least: str | None = None       # or a number at least this int symbol's value for the run
+
+
+COMPUTED = ("rope",)                     # sections of a model spec that can make a tensor
+ROPE_TYPES = ("default", "linear", "llama3")   # the formulas runtime/rope.py implements
 
 
 @dataclass
@@ -139,6 +186,10 @@ class OpDef:
 class ModelSpec:
     name: str
     src: Source
+    architectures: tuple[str, ...]
+    rope: RopeSpec
+    gate: dict[str, GateRule]
+    ignored_tensors: tuple[str, ...]
     config: dict[str, ConfigSym]
     roles: dict[str, tuple[str, ...]]
     tensors: dict[str, Tensor]
@@ -150,8 +201,9 @@ class ModelSpec:
 
 def load_model(path: Path) -> ModelSpec:
     src = load(path)
-    d = _mapping(src, (), src.data, {"name": str, "config": dict, "roles": dict, "tensors": dict, "layouts": dict,
-                                     "weights": dict, "buffers": dict, "decode_step": list})
+    d = _mapping(src, (), src.data, {"name": str, "architectures": list, "config": dict, "rope": dict, "gate": dict,
+                                     "roles": dict, "tensors": dict, "layouts": dict, "weights": dict, "buffers": dict,
+                                     "decode_step": list}, {"ignored_tensors": list})
     _ident(src, ("name",), d["name"], NAME, "a lowercase name")
     if d["name"] != path.stem:
         raise src.error(("name",), d["name"], f"must equal the file name '{path.stem}'")
@@ -160,12 +212,19 @@ def load_model(path: Path) -> ModelSpec:
     for s, c in d["config"].items():
         p = ("config", s)
         _ident(src, p, s)
-        _mapping(src, p, c, {"hf": str, "type": str}, {"default": (int, float, bool, str), "per_run": bool})
+        _mapping(src, p, c, {"hf": (str, list), "type": str}, {"default": (int, float, bool, str), "per_run": bool})
+        hf = (c["hf"],) if isinstance(c["hf"], str) else tuple(c["hf"])
+        for i, k in enumerate(hf):
+            if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", k):
+                raise src.error(p + ("hf",) + ((i,) if isinstance(c["hf"], list) else ()), k,
+                                "a config.json key, or a dotted path into a mapping (rope_parameters.rope_theta)")
+        if not hf:
+            raise src.error(p + ("hf",), c["hf"], "at least one config.json key")
         if c["type"] not in CONFIG_TYPES:
             raise src.error(p + ("type",), c["type"], _allowed(CONFIG_TYPES))
         if c.get("per_run") and c["type"] != "int":
             raise src.error(p + ("per_run",), c["per_run"], "only int symbols are compiled into kernels, so only they may be per_run")
-        config[s] = ConfigSym(s, c["hf"], c["type"], c.get("default"), c.get("per_run", False))
+        config[s] = ConfigSym(s, hf, c["type"], c.get("default"), c.get("per_run", False))
     ints = [s for s, c in config.items() if c.type == "int"]
     floats = [s for s, c in config.items() if c.type == "float"]
     for s, c in config.items():
@@ -173,6 +232,40 @@ def load_model(path: Path) -> ModelSpec:
             if c.type != "int":
                 raise src.error(("config", s, "default"), c.default, "only int symbols may default to an expression")
             c.default = _expr(src, ("config", s, "default"), c.default, [x for x in ints if x != s])
+
+    for i, a in enumerate(d["architectures"]):
+        _ident(src, ("architectures", i), a, what="a transformers architecture name")
+    if not d["architectures"]:
+        raise src.error(("architectures",), [], "at least one architecture (config.json's architectures)")
+
+    rd = _mapping(src, ("rope",), d["rope"], {"theta": str, "keys": list, "types": dict})
+    if config.get(rd["theta"], ConfigSym("", (), "")).type != "float":
+        raise src.error(("rope", "theta"), rd["theta"], "must name a float config symbol: " + ", ".join(floats))
+    for i, k in enumerate(rd["keys"]):
+        _ident(src, ("rope", "keys", i), k, what="a config.json key")
+    rope_types = {}
+    for t, params in rd["types"].items():
+        if t not in ROPE_TYPES:
+            raise src.error(("rope", "types", t), t, f"a RoPE type runtime/rope.py implements; {_allowed(ROPE_TYPES)}")
+        if not isinstance(params, list) or not all(isinstance(x, str) for x in params):
+            raise src.error(("rope", "types", t), params, "a list of the parameter keys the type needs")
+        rope_types[t] = tuple(params)
+    if "default" not in rope_types:
+        raise src.error(("rope", "types"), list(rope_types), "'default' (no scaling) must be among the types")
+    rope = RopeSpec(rd["theta"], tuple(rd["keys"]), rope_types)
+
+    gate = {}
+    for k, g in d["gate"].items():
+        p = ("gate", k)
+        _ident(src, p, k, what="a config.json key")
+        _mapping(src, p, g, {"values": list}, {"or_at_least": str})
+        if g.get("or_at_least") is not None and g["or_at_least"] not in ints:
+            raise src.error(p + ("or_at_least",), g["or_at_least"], "must name an int config symbol: " + ", ".join(ints))
+        gate[k] = GateRule(tuple(g["values"]), g.get("or_at_least"))
+
+    ignored = d.get("ignored_tensors", [])
+    for i, t in enumerate(ignored):
+        _ident(src, ("ignored_tensors", i), t, HF_NAME, "a checkpoint tensor name ({i} marks the layer)")
 
     roles = {}
     for r, rd in d["roles"].items():
@@ -201,12 +294,23 @@ def load_model(path: Path) -> ModelSpec:
     for t, td in d["tensors"].items():
         p = ("tensors", t)
         _ident(src, p, t)
-        _mapping(src, p, td, {"hf": str, "shape": list}, {"per_layer": bool, "tied_to": str, "tied_when": str})
+        _mapping(src, p, td, {"shape": list}, {"hf": str, "computed": str, "per_layer": bool, "tied_to": str, "tied_when": str})
         per_layer = td.get("per_layer", False)
+        if ("hf" in td) == ("computed" in td):
+            raise src.error(p, f"<{'both' if 'hf' in td else 'neither'} 'hf' and 'computed'>",
+                            "a tensor is either in the checkpoint (hf: name) or computed from config.json (computed: section)")
+        if "computed" in td:
+            if td["computed"] not in COMPUTED:
+                raise src.error(p + ("computed",), td["computed"], _allowed(COMPUTED))
+            if per_layer or "tied_to" in td:
+                raise src.error(p + ("computed",), td["computed"], "a computed tensor is one table, neither per_layer nor tied")
+            shape = tuple(_shape_dim(src, p + ("shape", i), e, ints) for i, e in enumerate(td["shape"]))
+            tensors[t] = Tensor(t, t, shape, False, None, None, td["computed"])
+            continue
         _ident(src, p + ("hf",), td["hf"], HF_NAME, "a checkpoint tensor name ({i} marks the layer)")
         if per_layer != ("{i}" in td["hf"]):
             raise src.error(p + ("hf",), td["hf"], "per_layer tensors name their layer with {i}, others must not")
-        shape = tuple(_expr(src, p + ("shape", i), e, ints) for i, e in enumerate(td["shape"]))
+        shape = tuple(_shape_dim(src, p + ("shape", i), e, ints) for i, e in enumerate(td["shape"]))
         tensors[t] = Tensor(t, td["hf"], shape, per_layer, td.get("tied_to"), td.get("tied_when"))
     for t in tensors.values():
         p = ("tensors", t.name)
@@ -247,7 +351,7 @@ def load_model(path: Path) -> ModelSpec:
             role, _, fld = bd["dtype"].partition(".")
             if role not in roles or fld not in roles[role]:
                 raise src.error(p + ("dtype",), bd["dtype"], "must be 'index' or <role>.<field> with a field the role has")
-        shape = tuple(_expr(src, p + ("shape", i), e, ints) for i, e in enumerate(bd["shape"]))
+        shape = tuple(_shape_dim(src, p + ("shape", i), e, ints) for i, e in enumerate(bd["shape"]))
         buffers[b] = BufferDef(b, bd["dtype"], shape, layout_ref(p + ("layout",), bd.get("layout")))
 
     decode_step = []
@@ -309,7 +413,8 @@ def load_model(path: Path) -> ModelSpec:
                 args[prm.name] = _expr(src, ap, v, syms)
         decode_step.append(OpDef(od["op"], od["kernel"], op_roles, od.get("per_layer", False),
                                  layout_ref(p + ("layout",), od.get("layout")), args, dependents))
-    return ModelSpec(d["name"], src, config, roles, tensors, layouts, weights, buffers, decode_step)
+    return ModelSpec(d["name"], src, tuple(d["architectures"]), rope, gate, tuple(ignored), config, roles, tensors,
+                     layouts, weights, buffers, decode_step)
 
 
 # ----------------------------------------------------------------------------- policies
@@ -439,6 +544,15 @@ def load_device(path: Path) -> Device:
     elif "arch" in d:
         raise src.error(("arch",), d["arch"], "a cpu device has no arch")
     _mapping(src, ("capabilities",), d["capabilities"], CAPABILITIES)
+    # Sizes and rates divide and bound what the runtime does (weights that fit, the roofline), so a
+    # zero, negative or infinite one would pass here and mislead there.
+    for k in ("memory_gb", "bandwidth_gbs"):
+        if k in d and not (0 < d[k] < math.inf):
+            raise src.error((k,), d[k], "must be a positive finite number")
+    smem = d["capabilities"]["smem_per_block"]
+    if smem < 0 or (d["kind"] == "cuda" and smem == 0):
+        raise src.error(("capabilities", "smem_per_block"), smem,
+                        "bytes of shared memory a block may use: positive for a cuda device (0 only for a cpu one)")
     for i, g in enumerate(d.get("gpu_names", [])):
         if not isinstance(g, str) or not g.strip():
             raise src.error(("gpu_names", i), g, "a non-empty part of the CUDA device name, e.g. 'H100'")
@@ -508,3 +622,17 @@ def load_specs(root: Path = DEFAULT_SPECS) -> Specs:
                 raise dev.src.error(("default_policy",), dev.default_policy, _allowed(pols))
             check_runs_on(pols[dev.default_policy], dev)
     return Specs(root, models, policies, devices)
+
+
+class UsageError(ValueError):
+    """A command-line value that names nothing in the specs, or is out of range (exit code 2)."""
+
+
+def check_selection(specs: Specs, device: str | None = None, policy: str | None = None, layout: str | None = None,
+                    model: str = "llama") -> None:
+    """Device, policy and layout names as a user typed them, each checked against the specs before it is
+    used as a key or spelled into a path (a layout such as `../x` must never reach the file system)."""
+    for what, value, known in (("device", device, specs.devices), ("policy", policy, specs.policies[model]),
+                               ("layout", layout, specs.models[model].layouts)):
+        if value is not None and value not in known:
+            raise UsageError(f"--{what} {value!r} is not in {specs.root}; allowed: {', '.join(sorted(known))}")

@@ -4,9 +4,15 @@ Spec files are edited by hand, so every error must name the file and line of the
 key. ``yaml.safe_load`` forgets positions; here the document is composed with PyYAML's safe
 loader (no tags, no Python objects) and turned into plain dicts/lists while the line of each
 key path is recorded. Duplicate keys, which YAML silently collapses, are rejected.
+
+Anchors and aliases are allowed, but a document may expand to at most ``MAX_NODES`` nodes: a
+few nested aliases can otherwise stand for billions of nodes (an "alias bomb") and exhaust
+memory minutes later. The size is counted while composing, before anything is expanded.
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,51 @@ class Source:
 
 _constructor = yaml.constructor.SafeConstructor()
 
+# The largest spec (models/llama.yaml) is about 1,300 nodes; this leaves room for growth and for
+# anchors, and expands in well under a second.
+MAX_NODES = 100_000
+
+
+class _TooLarge(Exception):
+    def __init__(self, line: int, problem: str):
+        self.line, self.problem = line, problem
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, counting the nodes the document stands for once every alias is expanded.
+
+    An alias adds the expanded size of the node it names, known because that node was composed
+    before it; an alias to a node still being composed (a recursive anchor) has no finite size."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}
+        self._expanded = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = super().compose_node(parent, index)
+            line = event.start_mark.line + 1
+            if id(node) not in self._sizes:
+                raise _TooLarge(line, f"<the alias *{event.anchor}, which refers to a node that contains it>")
+            self._expanded += self._sizes[id(node)]
+            if self._expanded > MAX_NODES:
+                raise _TooLarge(line, f"<the alias *{event.anchor}, which makes the document expand past {MAX_NODES} nodes>")
+            return node
+        node = super().compose_node(parent, index)
+        if isinstance(node, yaml.MappingNode):
+            size = 1 + sum(self._sizes[id(k)] + self._sizes[id(v)] for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(self._sizes[id(v)] for v in node.value)
+        else:
+            size = 1
+        self._expanded += 1
+        if self._expanded > MAX_NODES:
+            raise _TooLarge(node.start_mark.line + 1, f"<a document of more than {MAX_NODES} nodes>")
+        self._sizes[id(node)] = size
+        return node
+
 
 _PLAIN_TAGS = {"tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
@@ -77,8 +128,19 @@ def load(path: Path) -> Source:
     """Read one spec file; YAML syntax errors become SpecErrors with the file and line."""
     src = Source(path=path, data=None)
     try:
+        # Checked before opening: reading /dev/zero never ends, and opening a FIFO blocks.
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+                    "not a regular file")
+            raise SpecError(path, None, "<file>", f"<{kind}>", "a spec must be a regular YAML file")
         text = path.read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
+    except _TooLarge as e:
+        raise SpecError(path, e.line, "<yaml>", e.problem,
+                        f"a spec may stand for at most {MAX_NODES} nodes once its aliases are expanded, "
+                        "and an alias may not refer to a node that contains it") from None
     except OSError as e:
         raise SpecError(path, None, "<file>", "<unreadable>", str(e)) from None
     except UnicodeDecodeError as e:

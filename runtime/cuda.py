@@ -20,6 +20,7 @@ import hashlib
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,11 +80,48 @@ def cached_cubin(source: Path, arch: str, options=COMPILE_OPTIONS, progress: boo
     text = source.read_bytes()
     key = hashlib.sha256(b"\0".join([text, " ".join(options).encode(), toolchains_for(arch).encode(),
                                      arch.encode()])).hexdigest()[:24]
-    out = CACHE / f"{source.parent.name}.{arch}.{key}.cubin"
-    if not out.exists():
+
+    def build(tmp: Path) -> None:
         if progress:
             print(f"compiling {source} for {arch}{what} ...", file=sys.stderr, flush=True)
-        compile_cubin(source, arch, out, options=options)     # writes atomically (tmp + rename)
+        compile_cubin(source, arch, tmp, options=options)
+
+    return cache_entry(CACHE / f"{source.parent.name}.{arch}.{key}.cubin", build)
+
+
+def _digest_path(out: Path) -> Path:
+    return out.with_name(out.name + ".sha256")
+
+
+def _intact(out: Path) -> bool:
+    """The cached file matches the sha256 recorded when it was written (a file cut short by a full
+    disk or a killed copy, or edited since, does not: the driver would reject it, or worse)."""
+    try:
+        want = _digest_path(out).read_text(encoding="ascii").strip()
+        return hashlib.sha256(out.read_bytes()).hexdigest() == want
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def cache_entry(out: Path, build) -> Path:
+    """``out`` if it is intact, else rebuilt: ``build(tmp)`` writes the new file to a temporary in the
+    same folder, its sha256 goes to ``<out>.sha256`` and both are renamed into place, so no reader
+    ever sees a partial file and an interrupted build leaves no temporary behind."""
+    if _intact(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = f".{out.name}.{os.getpid()}.{threading.get_ident()}"
+    tmp, tmp_digest = out.with_name(stem + ".tmp"), out.with_name(stem + ".sha256.tmp")
+    try:
+        build(tmp)
+        tmp_digest.write_text(hashlib.sha256(tmp.read_bytes()).hexdigest() + "\n", encoding="ascii")
+        # The digest first: a reader between the two renames sees a mismatch and rebuilds,
+        # never an unchecked file.
+        os.replace(tmp_digest, _digest_path(out))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_digest.unlink(missing_ok=True)
     return out
 
 

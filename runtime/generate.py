@@ -45,12 +45,12 @@ def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
 
 
 class ContextTooLong(ValueError):
-    pass
+    """The prompt and the new tokens do not fit the model's context (or there is no prompt at all)."""
 
 
 def check_context(n_prompt: int, max_new: int, max_seq: int) -> None:
     if n_prompt == 0:
-        raise ValueError("the prompt encodes to no tokens")
+        raise ContextTooLong("the prompt encodes to no tokens; give some text")
     if n_prompt + max_new > max_seq:
         raise ContextTooLong(f"prompt ({n_prompt} tokens) + max new tokens ({max_new}) = {n_prompt + max_new} "
                              f"exceeds the model's context of {max_seq} tokens")

@@ -96,22 +96,49 @@ def default_gguf_path() -> Path:
     return found[0]
 
 
-def import_gguf(path: Path | None, out_dir: Path, *, progress: bool = True) -> Path:
+class OutputError(ValueError):
+    """--out cannot take the imported model; the message names the path and what to do."""
+
+
+class OutputExists(OutputError):
+    """--out already holds something the import would replace, and replacing was not asked for."""
+
+
+def _check_out(out_dir: Path, force: bool) -> None:
+    """Refuse an --out whose contents an import would destroy, unless ``force``."""
+    if force or not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise OutputExists(f"{out_dir} exists and is not a folder; an import writes a new model folder there "
+                           "(choose another --out, or pass --force to replace it)")
+    first = next(iter(sorted(out_dir.iterdir())), None)
+    if first is not None:
+        raise OutputExists(f"{out_dir} is not empty (it holds {first.name!r}); an import writes a new model folder "
+                           "(choose another --out, or pass --force to replace it)")
+
+
+def import_gguf(path: Path | None, out_dir: Path, *, progress: bool = True, force: bool = False) -> Path:
     """Convert a Llama GGUF (default: `default_gguf_path()`) into a float32 HF model directory.
 
-    The directory is built next to `out_dir` and renamed into place at the end, so `out_dir`
-    either holds a complete import or nothing (an existing `out_dir` is replaced).
+    `out_dir` must be missing or an empty folder; with `force`, whatever is there is replaced.
+    The model is written into a temporary sibling folder and swapped into place at the end, so
+    `out_dir` holds either a complete import or what it held before, however the import stops.
     """
     path = Path(path) if path is not None else default_gguf_path()
     out_dir = Path(out_dir)
+    _check_out(out_dir, force)          # before the minutes of dequantizing, not after
     reader = _open_gguf(path)
     meta = _Metadata(reader, path)
     config = _config(meta, reader)
     tensors = _hf_tensors(reader, config, path, progress)
     tokenizer, tokenizer_config = _tokenizer(meta, config)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as e:
+        raise OutputError(f"{out_dir.parent}: cannot create the model folder's staging folder here "
+                           f"({e.strerror or e}); choose a writable --out") from None
     try:
         staging.chmod(0o755)  # mkdtemp's 0700 would otherwise become out_dir's mode
         save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
@@ -119,6 +146,7 @@ def import_gguf(path: Path | None, out_dir: Path, *, progress: bool = True) -> P
         _write_json(staging / "config.json", config)
         _write_json(staging / "tokenizer_config.json", tokenizer_config)
         _write_json(staging / "generation_config.json", _generation_config(config))
+        _check_out(out_dir, force)      # again: something may have appeared there meanwhile
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -192,7 +220,7 @@ def _config(meta: _Metadata, reader: GGUFReader) -> dict:
         "max_position_embeddings": meta["llama.context_length"],
         "rms_norm_eps": _f32(meta["llama.attention.layer_norm_rms_epsilon"]),
         "rope_theta": _f32(meta.get("llama.rope.freq_base", 10000.0)),
-        "rope_scaling": None,
+        "rope_scaling": _rope_scaling(meta, tensor_names),
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
@@ -203,6 +231,38 @@ def _config(meta: _Metadata, reader: GGUFReader) -> dict:
         "torch_dtype": "float32",
         "use_cache": True,
     }
+
+
+_ROPE_SCALING_TYPES = ("none", "linear", "yarn")
+
+
+def _rope_scaling(meta: _Metadata, tensor_names: set[str]) -> dict | None:
+    """config.json's rope_scaling, read the way llama.cpp reads the GGUF: the type defaults to
+    linear, and a missing (or zero) factor means no scaling. transformers' spelling is written;
+    the runtime decides which types it runs."""
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError(f"{meta.path}: tensor 'rope_freqs.weight' holds per-dimension RoPE frequency factors "
+                         "(llama.cpp writes it for Llama 3.x llama3-type scaling), which the importer does not "
+                         "support: the llama3 parameters cannot be recovered from it exactly")
+    kind = meta.get("llama.rope.scaling.type", "linear")
+    if kind not in _ROPE_SCALING_TYPES:
+        raise ValueError(f"{meta.path}: GGUF metadata llama.rope.scaling.type is {kind!r}; the importer knows "
+                         f"{', '.join(_ROPE_SCALING_TYPES)}")
+    factor = meta.get("llama.rope.scaling.factor")
+    if factor is None:
+        factor = meta.get("llama.rope.scale_linear")     # the key's older name
+    if kind == "none" or not factor:
+        return None
+    if not (0 < factor < float("inf")):
+        raise ValueError(f"{meta.path}: GGUF metadata llama.rope.scaling.factor is {factor!r}; it must be a "
+                         "positive finite number")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _f32(factor)}
+    scaling = {"rope_type": "yarn", "factor": _f32(factor)}
+    original = meta.get("llama.rope.scaling.original_context_length")
+    if original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -291,11 +351,18 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move a finished import into place; a previous import at `out_dir` is removed after the swap."""
-    if out_dir.exists():
+    """Move a finished import into place. Whatever was at `out_dir` (a folder, a file, a link) is
+    renamed away first and removed only once the new folder is in place; if the swap fails, it is
+    put back."""
+    if out_dir.exists() or out_dir.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
         os.replace(out_dir, old / "dir")
-        os.replace(staging, out_dir)
+        try:
+            os.replace(staging, out_dir)
+        except BaseException:
+            os.replace(old / "dir", out_dir)
+            old.rmdir()
+            raise
         shutil.rmtree(old)
     else:
         os.replace(staging, out_dir)

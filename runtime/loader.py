@@ -17,22 +17,25 @@ import difflib
 import json
 import struct
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from codegen.dtypes import DTYPES, from_storage, quantize_per_output_channel, to_storage
+from codegen.dtypes import (DTYPES, from_storage, max_finite, overflow_threshold, quantize_per_output_channel,
+                            storage_holds, to_storage)
 from codegen.expr import evaluate
 
+from .rope import inv_freq, scaling as rope_scaling
 from .target import ConfigError, LoadError, Target, model_env
 
 # safetensors dtype -> the storage dtype whose exact decoder turns it into float32
 # (None: already float32). Wider or integer sources would need a rounding decision.
 SOURCE_DTYPES = {"F32": None, "F16": "f16", "BF16": "bf16"}
-ARCHITECTURES = ("LlamaForCausalLM",)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -73,6 +76,7 @@ class Checkpoint:
     config: dict
     config_path: Path
     tensors: dict[str, TensorInfo]
+    computed: dict[str, np.ndarray] = field(default_factory=dict)   # tables made from config.json (RoPE's)
 
     def read(self, name: str) -> np.ndarray:
         """Tensor ``name`` as float32, converted exactly from F16/BF16.
@@ -80,6 +84,8 @@ class Checkpoint:
         safetensors' numpy framework can only build BF16 arrays when ml_dtypes happens to
         have registered the name "bfloat16" with numpy, so BF16 data is read as raw uint16
         at the header's offset and decoded with the shared bf16 table instead."""
+        if name in self.computed:
+            return self.computed[name]
         info = self.tensors[name]
         source = SOURCE_DTYPES[info.dtype]
         if info.dtype == "BF16":
@@ -97,16 +103,34 @@ def read_config(model_dir: Path) -> tuple[dict, Path]:
         raise MissingFileError(f"{model_dir} has no config.json; expected a Hugging Face model directory "
                                f"(config.json + {SINGLE_FILE} or {INDEX_FILE})")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object, found {type(config).__name__}")
-    archs = config.get("architectures")
-    if not (isinstance(archs, list) and archs and all(a in ARCHITECTURES for a in archs)):
-        raise ConfigError(f"{path}: architectures is {archs!r}; this runtime runs the Llama spec, "
-                          f"which supports {', '.join(ARCHITECTURES)}")
     return config, path
+
+
+def check_config(manifest: dict, config: dict, config_path: Path, env: dict) -> None:
+    """Every config.json key that changes the math is one the model spec computes, or the run is
+    refused by name: the architecture, the gate's keys (biases, activation, sliding window) and the
+    RoPE scaling (runtime/rope.py reads it)."""
+    archs, known = config.get("architectures"), manifest["architectures"]
+    if not (isinstance(archs, list) and archs and all(a in known for a in archs)):
+        raise ConfigError(f"{config_path}: architectures is {archs!r}; the {manifest['model']} spec computes "
+                          f"{', '.join(known)}")
+    for key, rule in manifest["gate"].items():
+        value = config.get(key)
+        if any(value == v and type(value) is type(v) for v in rule["values"]):   # 0 is not false
+            continue
+        floor = rule.get("or_at_least")
+        if floor and isinstance(value, int) and not isinstance(value, bool) and value >= env[floor]:
+            continue
+        allowed = " or ".join("absent" if v is None else json.dumps(v) for v in rule["values"])
+        if floor:
+            allowed += f", or at least {floor} ({env[floor]} for this run)"
+        raise ConfigError(f"{config_path}: {key} is {json.dumps(value)}; the {manifest['model']} spec computes {allowed}")
+    rope_scaling(manifest["rope"], config, str(config_path))
 
 
 def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None, Path | None]:
@@ -114,9 +138,15 @@ def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None, Pa
     index_path = model_dir / INDEX_FILE
     if index_path.is_file():
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CorruptCheckpointError(f"{index_path}: not a safetensors index with a weight_map ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+            raise CorruptCheckpointError(f"{index_path}: weight_map must map tensor names to shard file names, "
+                                         f"found {json.dumps(weight_map)[:80]}")
+        bad = next((f for f in weight_map.values() if Path(f).name != f), None)
+        if bad is not None:
+            raise CorruptCheckpointError(f"{index_path}: weight_map names shard {bad!r}; shards are files in {model_dir}")
         files = sorted(set(weight_map.values()))
         for name in files:
             if not (model_dir / name).is_file():
@@ -256,6 +286,12 @@ def _plan(target: Target, ckpt: Checkpoint, env: dict) -> list[_Job]:
 
 
 def _check_source(ckpt: Checkpoint, name: str, shape_exprs: list[str], env: dict, why: str) -> tuple[int, ...]:
+    if name in ckpt.computed:
+        want = _shape(shape_exprs, env)
+        if ckpt.computed[name].shape != want:
+            raise LoadError(f"{why}: {name}, computed from {ckpt.config_path}, has shape {list(ckpt.computed[name].shape)}, "
+                            f"not {list(want)}")
+        return want
     info = ckpt.tensors.get(name)
     if info is None:
         close = difflib.get_close_matches(name, ckpt.tensors, n=1, cutoff=0.5)
@@ -272,8 +308,125 @@ def _check_source(ckpt: Checkpoint, name: str, shape_exprs: list[str], env: dict
     return want
 
 
-def _pack(ckpt: Checkpoint, job: _Job) -> tuple[np.ndarray, np.ndarray | None]:
+def _computed(target: Target, ckpt: Checkpoint, env: dict) -> dict[str, np.ndarray]:
+    """The tensors the packing table marks as computed from config.json, by the section that makes them."""
+    out = {}
+    for entry in target.packing["weights"]:
+        for src in entry["sources"]:
+            if src.get("computed") == "rope":
+                (n_pairs,) = _shape(src["shape"], env)
+                out[src["name"]] = inv_freq(target.manifest["rope"], ckpt.config, env, n_pairs, str(ckpt.config_path))
+            elif "computed" in src:
+                raise LoadError(f"packing.json source {src['name']}: computed by {src['computed']!r}, which this loader "
+                                "does not know; regenerate the target with `codegen build`")
+    return out
+
+
+def _layer_pattern(name: str) -> re.Pattern:
+    return re.compile(re.escape(name).replace(re.escape("{i}"), r"(\d+)") + "$")
+
+
+def _check_consumed(target: Target, ckpt: Checkpoint, env: dict, jobs: list[_Job]) -> None:
+    """Every checkpoint tensor is packed, replaced by a tie, or one the spec ignores: a tensor nothing
+    reads is math the spec does not have (a bias, an extra norm) or layers beyond num_hidden_layers."""
+    used = {s for job in jobs for s in job.sources}
+    for entry in target.packing["weights"]:          # a tied tensor's own copy may be present, unread
+        if entry.get("tied_to") and env[entry["tied_to"]["when"]]:
+            used |= {s["name"] for s in entry["sources"]}
+    ignored = [_layer_pattern(t) for t in target.packing.get("ignored_tensors", [])]
+    extra = sorted(t for t in ckpt.tensors if t not in used and not any(p.match(t) for p in ignored))
+    if not extra:
+        return
+    per_layer = [_layer_pattern(s["name"]) for e in target.packing["weights"] if e["per_layer"] for s in e["sources"]]
+    beyond = [t for t in extra for p in per_layer if (m := p.match(t)) and int(m.group(1)) >= env["n_layers"]]
+    n_layers_key = target.manifest["config"]["n_layers"]["hf"][0]
+    if beyond:
+        layers = 1 + max(int(m.group(1)) for t in beyond for p in per_layer if (m := p.match(t)))
+        raise LoadError(f"{ckpt.config_path}: {n_layers_key} is {env['n_layers']}, but the checkpoint in {ckpt.dir} has "
+                        f"tensors of {layers} layers (e.g. {beyond[0]}); they must agree")
+    more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+    raise LoadError(f"checkpoint {ckpt.dir} has tensor {extra[0]}{more}, which the {target.manifest['model']} spec does "
+                    f"not use: math it does not compute (a bias, another norm), so it cannot run this model")
+
+
+class NonFiniteWeightError(LoadError):
+    """A checkpoint tensor holds NaN or inf."""
+
+
+class WeightOverflowError(LoadError):
+    """A checkpoint tensor holds values that the target's storage dtype turns into inf."""
+
+
+# (role, max |value|) -> names of the policies whose storage for that role holds it
+Holds = Callable[[str, float], list[str]]
+
+
+def _index(shape: tuple[int, ...], flat: int) -> str:
+    return "[" + ", ".join(str(int(i)) for i in np.unravel_index(flat, shape)) + "]"
+
+
+def _check_values(ckpt: Checkpoint, name: str, a: np.ndarray, job: _Job, holds: Holds | None) -> None:
+    """Refuse NaN / inf in source tensor ``name`` (values ``a``), and finite values that the
+    entry's storage dtype turns into inf. Quantized entries are range-free: their per-row scale
+    absorbs the magnitude (quantize_per_output_channel refuses a scale that overflows).
+
+    A max and a min find both with no temporary array (NaN propagates through either, an inf is
+    one of them); only a tensor that fails is searched for its first bad element."""
+    where = (f"computed from {ckpt.config_path.name}" if name in ckpt.computed
+             else f"in {ckpt.tensors[name].file.name}")
+    hi, lo = (float(a.max()), float(a.min())) if a.size else (0.0, 0.0)
+    if not (np.isfinite(hi) and np.isfinite(lo)):
+        flat = int(np.argmax(~np.isfinite(a.reshape(-1))))
+        v = float(a.reshape(-1)[flat])
+        what = "NaN" if np.isnan(v) else ("+inf" if v > 0 else "-inf")
+        raise NonFiniteWeightError(f"tensor {name} {where} has {what} at {_index(a.shape, flat)} (flat index {flat}); "
+                                   "weights must be finite")
+    entry = job.entry
+    if "scale" in entry:
+        return
+    storage, amax = entry["dtype"], max(hi, -lo)
+    limit = overflow_threshold(storage)
+    if amax < limit:
+        return
+    flat = int(np.argmax(np.abs(a.reshape(-1)) >= limit))
+    role = entry.get("role")
+    if holds is None:
+        fix = f"a policy that stores role {role} in a wider dtype holds it (`codegen explain` shows each policy)"
+    else:
+        fix = f"policies that hold it: {', '.join(holds(role, amax)) or 'none for this device'}"
+    raise WeightOverflowError(
+        f"tensor {name} {where} has max |value| {amax:.9g}, which overflows {storage} (max {max_finite(storage):.9g}), "
+        f"the storage of packed weight {job.name} (role {role}); the first value that does is "
+        f"{float(a.reshape(-1)[flat]):.9g} at {_index(a.shape, flat)} (flat index {flat}); {fix}")
+
+
+def policies_holding(specs, device: str, model: str = "llama") -> Holds:
+    """``holds`` for pack_weights: (role, max |value|) -> the names, sorted, of ``model``'s policies
+    that run on ``device`` and whose storage for ``role`` packs values up to that magnitude without
+    overflow (quantized storage: while the per-row scale stays finite in its dtype).
+    ``specs`` is a codegen.specs.Specs."""
+    from codegen.specs import check_runs_on
+    from codegen.yamlsrc import SpecError
+
+    dev = specs.devices[device]
+    runnable = []
+    for pol in specs.policies[model].values():
+        try:
+            check_runs_on(pol, dev)
+        except SpecError:
+            continue
+        runnable.append(pol)
+
+    def holds(role: str, max_abs: float) -> list[str]:
+        return sorted(p.name for p in runnable if role in p.roles
+                      and storage_holds(max_abs, p.roles[role]["storage"], p.roles[role].get("scale")))
+    return holds
+
+
+def _pack(ckpt: Checkpoint, job: _Job, holds: Holds | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     parts = [ckpt.read(s) for s in job.sources]
+    for name, part in zip(job.sources, parts):
+        _check_values(ckpt, name, part, job, holds)
     w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     entry = job.entry
     if "scale" not in entry:
@@ -286,7 +439,7 @@ def _pack(ckpt: Checkpoint, job: _Job) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def pack_weights(target: Target, model_dir: Path | str, *, max_seq: int | None = None,
-                 progress: bool = True) -> PackedModel:
+                 progress: bool = True, holds: Holds | None = None) -> PackedModel:
     """Every buffer of ``target``'s packing table, packed from the checkpoint in ``model_dir``.
 
     Arrays are read-only: packed weights that are identical by construction (same sources,
@@ -297,13 +450,16 @@ def pack_weights(target: Target, model_dir: Path | str, *, max_seq: int | None =
     ckpt = load_checkpoint(model_dir)
     env = model_env(target.manifest, ckpt.config, ckpt.config_path, max_seq=max_seq)
     check_llama_config(env, ckpt.config, ckpt.config_path)
+    check_config(target.manifest, ckpt.config, ckpt.config_path, env)
+    ckpt.computed.update(_computed(target, ckpt, env))
     jobs = _plan(target, ckpt, env)
+    _check_consumed(target, ckpt, env, jobs)
     arrays: dict[str, np.ndarray] = {}
     done: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
     for job in tqdm(jobs, desc=f"packing {target.name}", unit="tensor", disable=not progress, file=sys.stderr):
         key = (job.sources, json.dumps(job.entry["transforms"]), job.shape)
         if key not in done:
-            w, scale = _pack(ckpt, job)
+            w, scale = _pack(ckpt, job, holds)
             for a in (w, scale):
                 if a is not None:
                     a.flags.writeable = False

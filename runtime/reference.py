@@ -70,9 +70,7 @@ def gemv(a, d):
 def rope(a, d):
     c, hd = d["compute"], a["head_dim"]
     half = hd // 2
-    j = np.arange(half, dtype=F32)
-    inv_freq = F32(1.0) / _f32_of(lambda e: np.power(np.float64(F32(a["theta"])), e), (F32(2.0) * j) / F32(hd))
-    ang = F32(a["pos"][0]) * inv_freq
+    ang = F32(a["pos"][0]) * np.asarray(a["inv_freq"], dtype=F32)   # the model's scaled table (runtime/rope.py)
     cc, sc = _r(_f32_of(np.cos, ang), c), _r(_f32_of(np.sin, ang), c)
     for name, heads in (("q", a["n_heads"]), ("k", a["n_kv_heads"])):
         v = a[name].reshape(heads, hd)
@@ -159,7 +157,7 @@ def norm_qkv_rope_kv(a, d):
     y = _norm_then_gemv(a, d, nq + 2 * nkv)
     q, k, v = y[:nq], y[nq:nq + nkv], y[nq + nkv:]
     rope({"q": q, "k": k, "pos": a["pos"], "n_heads": a["n_heads"], "n_kv_heads": a["n_kv_heads"],
-          "head_dim": a["head_dim"], "theta": a["theta"]}, {**_sub(d, "rope"), "q": d["output"], "k": d["output"]})
+          "head_dim": a["head_dim"], "inv_freq": a["inv_freq"]}, {**_sub(d, "rope"), "q": d["output"], "k": d["output"]})
     a["q"][:] = _r(q, d["q"])
     kv_append({"k": k, "v": v, "k_cache": a["k_cache"], "v_cache": a["v_cache"], "pos": a["pos"]},
               {"k_cache": d["k_cache"], "v_cache": d["v_cache"]})

@@ -7,7 +7,6 @@ prompt that does not fit the model's context, a backend that cannot run here.
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -15,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from codegen.specs import Specs
+from codegen.specs import Specs, UsageError, check_selection
 
 from .errors import BackendUnavailable
 from .generate import Sampling, check_context, generate
-from .loader import pack_weights
+from .loader import check_config, load_checkpoint, pack_weights, policies_holding
 from .target import LoadError, Target, find_target, load_target, model_env
-from .tokenizer import HFTokenizer, StreamDecoder
+from .tokenizer import HFTokenizer, StreamDecoder, check_text
 
 
 @dataclass
@@ -109,8 +108,11 @@ class Session:
 
 
 def encode_prompt(tok: HFTokenizer, prompt: str, chat: bool) -> list[int]:
+    """transformers' ids for the prompt: tokenizer(prompt), or with `chat` apply_chat_template of
+    one user message with the generation prompt (the template writes any BOS itself)."""
+    check_text(prompt, "prompt")
     if chat:
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     return tok.encode(prompt)
 
 
@@ -121,18 +123,23 @@ def open_session(specs: Specs, model_dir, device: str = "auto", policy: str | No
     if not (model_dir / "config.json").is_file():
         raise LoadError(f"{model_dir} is not a model directory (no config.json); "
                         f"make one with `codegen import-gguf --out {model_dir}` or `codegen synth-model`")
+    check_selection(specs, None if device == "auto" else device, policy, layout)
+    if max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be at least 1, found {max_new_tokens}")
     kind = resolve_backend(backend)
     device = resolve_device(specs, device, kind)
     policy = policy or specs.devices[device].default_policy
     target = load_target(find_target(device, policy, layout))
+    ckpt = load_checkpoint(model_dir)          # config and tensor headers: refused here, before any progress output
+    env = model_env(target.manifest, ckpt.config, ckpt.config_path)
+    check_config(target.manifest, ckpt.config, ckpt.config_path, env)
     tok = HFTokenizer(model_dir)
     prompt_ids = encode_prompt(tok, prompt, chat)
-    config = json.loads((model_dir / "config.json").read_text())
-    env = model_env(target.manifest, config, model_dir / "config.json")
     check_context(len(prompt_ids), max_new_tokens, env["max_seq"])
     if progress:
         print(f"[{target.name} on the {kind} backend]", file=sys.stderr, flush=True)
-    packed = pack_weights(target, model_dir, max_seq=len(prompt_ids) + max_new_tokens, progress=progress)
+    packed = pack_weights(target, model_dir, max_seq=len(prompt_ids) + max_new_tokens, progress=progress,
+                          holds=policies_holding(specs, device))
     if kind == "cuda":
         from .cuda import CudaBackend
         be = CudaBackend(target, packed, progress=progress)

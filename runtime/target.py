@@ -9,6 +9,7 @@ checkpoint, evaluating each symbol the way the model spec declares it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,12 +83,25 @@ def load_target(path: Path | str) -> Target:
     return Target(path, manifest, packing)
 
 
-def _check_value(sym: str, spec: dict, value, where: str):
+def lookup(config: Mapping, key: str):
+    """config.json's value at ``key``, a dotted path into nested mappings (rope_parameters.rope_theta);
+    None when any step is absent or null, as transformers treats a null key."""
+    value = config
+    for part in key.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _check_value(sym: str, key: str, spec: dict, value, where: str):
     """``value`` typed as the symbol declares (ints stay int, floats become float)."""
     if isinstance(value, bool) and spec["type"] != "bool" or not isinstance(value, _TYPES[spec["type"]]):
-        raise ConfigError(f"{where}: {spec['hf']} (symbol {sym}) must be {spec['type']}, found {value!r}")
+        raise ConfigError(f"{where}: {key} (symbol {sym}) must be {spec['type']}, found {value!r}")
     if spec["type"] == "int" and value <= 0:
-        raise ConfigError(f"{where}: {spec['hf']} (symbol {sym}) must be a positive int, found {value!r}")
+        raise ConfigError(f"{where}: {key} (symbol {sym}) must be a positive int, found {value!r}")
+    if spec["type"] == "float" and not math.isfinite(value):
+        raise ConfigError(f"{where}: {key} (symbol {sym}) must be a finite number, found {value!r}")
     return float(value) if spec["type"] == "float" else value
 
 
@@ -106,15 +120,15 @@ def model_env(manifest: Mapping, hf_config: Mapping, config_path: Path | str, *,
     env: dict[str, int | float | bool] = {}
     pending: dict[str, str] = {}
     for sym, spec in specs.items():
-        value = hf_config.get(spec["hf"])
-        if value is not None:
-            env[sym] = _check_value(sym, spec, value, where)
+        key = next((k for k in spec["hf"] if lookup(hf_config, k) is not None), None)
+        if key is not None:
+            env[sym] = _check_value(sym, key, spec, lookup(hf_config, key), where)
         elif isinstance(spec["default"], str):
             pending[sym] = spec["default"]
         elif spec["default"] is not None:
             env[sym] = spec["default"]
         else:
-            raise ConfigError(f"{where}: missing key {spec['hf']!r} (symbol {sym}, {spec['type']}), which has no default")
+            raise ConfigError(f"{where}: missing key {' or '.join(spec['hf'])} (symbol {sym}, {spec['type']}), which has no default")
     while pending:
         ready = [s for s, e in pending.items() if expr.symbols_of(e) <= env.keys()]
         if not ready:
@@ -123,7 +137,7 @@ def model_env(manifest: Mapping, hf_config: Mapping, config_path: Path | str, *,
         for sym in ready:
             value = expr.evaluate(pending.pop(sym), env)
             if value <= 0:
-                raise ConfigError(f"{where}: {specs[sym]['hf']} is absent and its default {specs[sym]['default']} "
+                raise ConfigError(f"{where}: {specs[sym]['hf'][0]} is absent and its default {specs[sym]['default']} "
                                   f"gives {value}; symbol {sym} must be a positive int")
             env[sym] = value
     if max_seq is not None:

@@ -32,7 +32,7 @@ def smollm2_dir() -> Path:
     gguf = default_gguf_path()
     out = REPO / ".cache" / f"smollm2-{_sha256(gguf)[:12]}"
     if not all((out / name).is_file() for name in MODEL_FILES):
-        import_gguf(gguf, out, progress=False)
+        import_gguf(gguf, out, progress=False, force=True)     # the cache's own folder, maybe incomplete
     return out
 
 

@@ -8,6 +8,9 @@ model for every shipped policy. Skipped, with the reason, where there is no GPU 
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -230,3 +233,26 @@ def test_long_context_attention_splits_match_reference_ops(wide, policy):
             assert not failed, f"pos {pos}: {failed}"
     finally:
         gpu.close()
+
+
+# ---- real config features: tiny checkpoints written by transformers (tests/goldens/configs), 448 greedy
+# tokens (positions up to 456, where llama3 and linear RoPE scaling show) against transformers' own
+
+CONFIGS = Path(__file__).resolve().parent / "goldens" / "configs"
+CONFIG_CASES = sorted(p.name for p in CONFIGS.iterdir() if (p / "golden.json").is_file())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CONFIG_CASES)
+def test_config_goldens_match_transformers_token_for_token(case, layout):
+    golden = json.loads((CONFIGS / case / "golden.json").read_text())
+    prompt, want = golden["prompt_ids"], golden["new_ids"]
+    t = load_target(find_target(DEVICE, "f32", layout))
+    packed = pack_weights(t, CONFIGS / case, max_seq=len(prompt) + len(want), progress=False)
+    gpu = CudaBackend(t, packed, progress=False)
+    try:
+        got = generate(gpu, prompt, len(want))
+    finally:
+        gpu.close()
+    first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+    assert first == len(want), f"{case}: first difference from transformers at new token {first} of {len(want)}"

@@ -87,13 +87,16 @@ def bits(a):
 def test_packs_every_entry_exactly(tiny, tiny_sources, policy, layout):
     t = target(policy, layout)
     packed = pack_weights(t, tiny, progress=False)
+    env = packed.env     # RoPE's table is computed, not read: Llama's unscaled inverse frequencies, in float64
+    hd = env["head_dim"]
+    sources_of = {**tiny_sources, "rope_inv_freq": (env["rope_theta"] ** -(np.arange(0, hd, 2) / hd)).astype(np.float32)}
     expected_names = set()
     for entry in t.packing["weights"]:
         for i, name, sources in concrete(entry, packed.env):
             arr = packed.arrays[name]
             shape = tuple(evaluate(e, packed.env) for e in entry["shape"])
             assert arr.dtype == DTYPES[entry["dtype"]].np_dtype and arr.shape == shape, name
-            src = np.concatenate([tiny_sources[s] for s in sources], axis=0)
+            src = np.concatenate([sources_of[s] for s in sources], axis=0)
             assert src.shape == shape
             expected_names.add(name)
             if "scale" not in entry:
@@ -243,7 +246,7 @@ def test_model_env_defaults_in_dependency_order_and_max_seq_cap(tiny):
 
 
 @pytest.mark.parametrize("changes, match", [
-    ({"hidden_size": ...}, r"config\.json: missing key 'hidden_size' \(symbol hidden, int\), which has no default"),
+    ({"hidden_size": ...}, r"config\.json: missing key hidden_size \(symbol hidden, int\), which has no default"),
     ({"hidden_size": "64"}, r"config\.json: hidden_size \(symbol hidden\) must be int, found '64'"),
     ({"num_hidden_layers": 2.0}, r"config\.json: num_hidden_layers \(symbol n_layers\) must be int, found 2\.0"),
     ({"num_hidden_layers": True}, r"num_hidden_layers \(symbol n_layers\) must be int, found True"),
@@ -257,7 +260,17 @@ def test_model_env_defaults_in_dependency_order_and_max_seq_cap(tiny):
      r"num_attention_heads \(4\) is not a multiple of num_key_value_heads \(3\)"),
     ({"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": ...},
      r"hidden_size \(64\) is not divisible by num_attention_heads \(6\) and no head_dim is given"),
-    ({"architectures": ["MistralForCausalLM"]}, r"architectures is \['MistralForCausalLM'\]; .*LlamaForCausalLM"),
+    ({"architectures": ["Qwen2ForCausalLM"]}, r"architectures is \['Qwen2ForCausalLM'\]; .*LlamaForCausalLM, MistralForCausalLM"),
+    ({"attention_bias": True}, r"attention_bias is true; the llama spec computes absent or false"),
+    ({"mlp_bias": True}, r"mlp_bias is true; the llama spec computes absent or false"),
+    ({"hidden_act": "gelu"}, r'hidden_act is "gelu"; the llama spec computes absent or "silu"'),
+    ({"sliding_window": 16}, r"sliding_window is 16; .*or at least max_seq \(256 for this run\)"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_scaling\.rope_type is 'yarn'; supported RoPE types: default, linear, llama3"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, r"rope_scaling\.rope_type is 'dynamic'"),
+    ({"rope_scaling": {"rope_type": "linear"}}, r"rope_scaling\.factor is None; RoPE type linear needs a positive number"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "mscale": 1.0}}, r"rope_scaling\.mscale \(1\.0\) is not a parameter of RoPE type linear"),
+    ({"rope_scaling": "linear"}, r"rope_scaling is 'linear'; expected a mapping"),
+    ({"rope_parameters": {"rope_type": "longrope"}}, r"rope_parameters\.rope_type is 'longrope'"),
     ({"architectures": ...}, r"architectures is None; .*LlamaForCausalLM"),
 ])
 def test_config_errors_name_the_key_and_the_value(model, changes, match):
@@ -347,9 +360,13 @@ def test_header_errors_come_before_any_conversion(model, monkeypatch):
 
 
 def test_a_conversion_error_names_the_weight(model):
-    rewrite(model, lambda t: t["model.layers.1.mlp.down_proj.weight"].__setitem__((3, 5), np.inf))
+    def tiny_row(t):        # max|row| / 127 underflows float32: no usable scale (NaN / inf: test_weight_checks.py)
+        w = t["model.layers.1.mlp.down_proj.weight"]
+        w[3] = 0
+        w[3, 5] = np.float32(1e-45)
+    rewrite(model, tiny_row)
     with pytest.raises(LoadError, match=r"packed weight layers\.1\.wdown \(from model\.layers\.1\.mlp\.down_proj\.weight\): "
-                                        r"weight contains inf or NaN"):
+                                        r"rows \[3\]: scale .* underflows or overflows f32"):
         pack_weights(target("int8-weights"), model, progress=False)
 
 
@@ -395,3 +412,49 @@ def test_synthetic_tokenizer_is_byte_level_with_bos_eos(tiny):
     assert tok.token_to_id(tc["bos_token"]) == cfg["bos_token_id"] and tok.token_to_id(tc["eos_token"]) == cfg["eos_token_id"]
     assert tok.decode([cfg["vocab_size"] - 1]).startswith("<|reserved_")
     assert "messages" in tc["chat_template"]
+
+
+# ---------------------------------------------------------------------------- config gate
+
+def test_a_tensor_the_spec_does_not_use_is_refused_by_name(model):
+    rewrite(model, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}))
+    with pytest.raises(LoadError, match=r"has tensor model\.layers\.0\.self_attn\.q_proj\.bias, which the llama spec does not use"):
+        pack_weights(target("f32"), model, progress=False)
+
+
+def test_layers_beyond_num_hidden_layers_are_refused(model):
+    edit_config(model, num_hidden_layers=1)
+    with pytest.raises(LoadError, match=r"num_hidden_layers is 1, but the checkpoint .* has tensors of 2 layers "
+                                        r"\(e\.g\. model\.layers\.1\."):
+        pack_weights(target("f32"), model, progress=False)
+
+
+def test_old_rotary_inv_freq_buffers_are_ignored_like_transformers_does(model, tiny):
+    rewrite(model, lambda t: t.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32) for i in range(2)}))
+    a, b = pack_weights(target("f32"), model, progress=False), pack_weights(target("f32"), tiny, progress=False)
+    assert a.arrays.keys() == b.arrays.keys() and all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
+
+
+@pytest.mark.parametrize("changes", [{"architectures": ["MistralForCausalLM"], "sliding_window": None},
+                                     {"architectures": ["MistralForCausalLM"], "sliding_window": 4096},
+                                     {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}])
+def test_settings_with_llamas_math_run(model, tiny, changes):
+    edit_config(model, **changes)
+    a, b = pack_weights(target("f32"), model, progress=False), pack_weights(target("f32"), tiny, progress=False)
+    assert all(np.array_equal(a.arrays[k], b.arrays[k]) for k in b.arrays)
+
+
+def test_theta_is_read_from_transformers_5_rope_parameters(model):
+    """transformers 5 writes no top-level rope_theta: the base lives in rope_parameters."""
+    edit_config(model, rope_theta=..., rope_scaling=..., rope_parameters={"rope_theta": 500000.0, "rope_type": "default"})
+    packed = pack_weights(target("f32"), model, progress=False)
+    hd = packed.env["head_dim"]
+    assert packed.env["rope_theta"] == 500000.0
+    want = (500000.0 ** -(np.arange(0, hd, 2) / hd)).astype(np.float32)
+    assert np.array_equal(packed.arrays["rope_freq"], want)
+
+
+def test_linear_scaling_divides_every_frequency(model, tiny):
+    edit_config(model, rope_scaling={"type": "linear", "factor": 4.0})
+    scaled, plain = (pack_weights(target("f32"), m, progress=False).arrays["rope_freq"] for m in (model, tiny))
+    assert np.array_equal(scaled, (plain.astype(np.float64) / 4).astype(np.float32))

@@ -46,7 +46,7 @@ def test_compile_cache_is_shared_and_safe_across_processes(tmp_path):
     assert paths[0] == paths[1]
     cubin = Path(paths[0])
     assert cubin.read_bytes()[:4] == b"\x7fELF"
-    assert [p.name for p in cubin.parent.iterdir()] == [cubin.name]        # no temp files left behind
+    assert sorted(p.name for p in cubin.parent.iterdir()) == [cubin.name, cubin.name + ".sha256"]   # no temp files left behind
     mtime = cubin.stat().st_mtime_ns
     assert _build((str(tmp_path), str(src))) == paths[0] and cubin.stat().st_mtime_ns == mtime   # a hit, not a rebuild
 

@@ -294,7 +294,7 @@ def test_op_dependents_is_validated(specs_dir, capsys):
 def test_per_run_applies_to_int_symbols_only(specs_dir, capsys):
     """`per_run` keeps a symbol out of the compiled shapes; a float is never compiled in, so it is refused there."""
     f = specs_dir / "models/llama.yaml"
-    line = edit(f, "rope_theta:     {hf: rope_theta, type: float,", "rope_theta:     {hf: rope_theta, type: float, per_run: true,")
+    line = edit(f, "rope_theta:     {hf: [rope_theta, rope_parameters.rope_theta], type: float,", "rope_theta:     {hf: [rope_theta, rope_parameters.rope_theta], type: float, per_run: true,")
     assert_spec_error(*run_cli(specs_dir, capsys), f, line, "config.rope_theta.per_run", "only int symbols")
     line = edit(f, "per_run: true,", "per_run: yes please,")
     assert_spec_error(*run_cli(specs_dir, capsys), f, line, "config.rope_theta.per_run", "'yes please'")
@@ -336,3 +336,22 @@ def test_quantized_storage_on_a_role_without_scales(specs_dir, capsys):
     line = edit(f, "  q_proj:    {storage: f16, compute: f16}", "  q_proj:    {storage: f16, compute: f16}\n  kv_cache:  {storage: int8}")
     assert_spec_error(*run_cli(specs_dir, capsys), f, line + 1, "roles.kv_cache.storage", "'int8'",
                       "needs a quantization scale, which role kv_cache cannot have")
+
+
+@pytest.mark.parametrize("old,new,key,fragment", [
+    ("    llama3:  [factor,", "    yarn:    [factor,", "rope.types.yarn", "allowed: default, linear, llama3"),
+    ("  theta: rope_theta", "  theta: hidden", "rope.theta", "must name a float config symbol"),
+    ("    default: []\n", "", "rope.types", "'default' (no scaling) must be among the types"),
+    ("  attention_bias: {values: [null, false]}", "  attention_bias: {values: [null, false], or_at_least: rms_eps}",
+     "gate.attention_bias.or_at_least", "must name an int config symbol"),
+    ("  mlp_bias:       {values: [null, false]}", "  mlp_bias:       {allowed: [null, false]}", "gate.mlp_bias", "unknown key"),
+    ("rope_inv_freq: {computed: rope,", "rope_inv_freq: {computed: yarn,", "tensors.rope_inv_freq.computed", "allowed: rope"),
+    ("rope_inv_freq: {computed: rope,", "rope_inv_freq: {hf: x.weight, computed: rope,", "tensors.rope_inv_freq", "either in the checkpoint"),
+    ("architectures: [LlamaForCausalLM, MistralForCausalLM]", "architectures: []", "architectures", "at least one"),
+    ("{hf: [rope_theta, rope_parameters.rope_theta],", "{hf: [rope_theta, rope parameters],", "config.rope_theta.hf.1", "dotted path"),
+])
+def test_model_spec_rope_gate_and_computed_tensors_are_validated(specs_dir, capsys, old, new, key, fragment):
+    f = specs_dir / "models/llama.yaml"
+    edit(f, old, new)
+    code, err = run_cli(specs_dir, capsys)
+    assert_spec_error(code, err, f, None, key, fragment)

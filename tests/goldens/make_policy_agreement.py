@@ -70,7 +70,7 @@ def model_dir() -> Path:
             digest.update(block)
     out = REPO / ".cache" / f"smollm2-{digest.hexdigest()[:12]}"
     if not (out / "model.safetensors").is_file():
-        import_gguf(gguf, out, progress=False)
+        import_gguf(gguf, out, progress=False, force=True)
     return out
 
 
