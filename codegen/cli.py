@@ -162,7 +162,13 @@ def cmd_import_gguf(args) -> int:
 
 
 def cmd_synth_model(args) -> int:
+    from runtime.gguf_import import OutputError, check_out_dir
     from runtime.synth import write_synthetic_model
+    try:
+        check_out_dir(Path(args.out), args.force, "synth-model")
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     out = write_synthetic_model(Path(args.out), shape=args.shape, seed=args.seed, dtype=args.dtype, tied=args.tied)
     print(f"wrote {out}")
     return 0
@@ -278,7 +284,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out (atomically, once the import succeeded)")
     p = add("synth-model", cmd_synth_model, "write a random-weight Hugging Face Llama directory of a known shape")
     p.add_argument("--shape", choices=("tiny", "smollm2-135m", "llama-3.2-1b"), default="tiny")
-    p.add_argument("--out", required=True), p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output model directory (new or empty)")
+    p.add_argument("--seed", type=_number(int, 0, what="an integer >= 0"), default=0)
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its model files")
     p.add_argument("--dtype", choices=("f32", "f16", "bf16"), default="f32", help="dtype of the stored tensors")
     p.add_argument("--tied", action="store_true", help="tie lm_head to the embedding (greedy output then repeats)")
     p = add("generate", cmd_generate, "generate text with a target's kernels (GPU) or its reference (CPU)")

@@ -104,16 +104,16 @@ class OutputExists(OutputError):
     """--out already holds something the import would replace, and replacing was not asked for."""
 
 
-def _check_out(out_dir: Path, force: bool) -> None:
-    """Refuse an --out whose contents an import would destroy, unless ``force``."""
+def check_out_dir(out_dir: Path, force: bool, what: str = "an import") -> None:
+    """Refuse an --out whose contents a command that writes a model folder would destroy, unless ``force``."""
     if force or not (out_dir.exists() or out_dir.is_symlink()):
         return
     if not out_dir.is_dir() or out_dir.is_symlink():
-        raise OutputExists(f"{out_dir} exists and is not a folder; an import writes a new model folder there "
+        raise OutputExists(f"{out_dir} exists and is not a folder; {what} writes a new model folder there "
                            "(choose another --out, or pass --force to replace it)")
     first = next(iter(sorted(out_dir.iterdir())), None)
     if first is not None:
-        raise OutputExists(f"{out_dir} is not empty (it holds {first.name!r}); an import writes a new model folder "
+        raise OutputExists(f"{out_dir} is not empty (it holds {first.name!r}); {what} writes a new model folder "
                            "(choose another --out, or pass --force to replace it)")
 
 
@@ -126,7 +126,7 @@ def import_gguf(path: Path | None, out_dir: Path, *, progress: bool = True, forc
     """
     path = Path(path) if path is not None else default_gguf_path()
     out_dir = Path(out_dir)
-    _check_out(out_dir, force)          # before the minutes of dequantizing, not after
+    check_out_dir(out_dir, force)          # before the minutes of dequantizing, not after
     reader = _open_gguf(path)
     meta = _Metadata(reader, path)
     config = _config(meta, reader)
@@ -146,7 +146,7 @@ def import_gguf(path: Path | None, out_dir: Path, *, progress: bool = True, forc
         _write_json(staging / "config.json", config)
         _write_json(staging / "tokenizer_config.json", tokenizer_config)
         _write_json(staging / "generation_config.json", _generation_config(config))
-        _check_out(out_dir, force)      # again: something may have appeared there meanwhile
+        check_out_dir(out_dir, force)      # again: something may have appeared there meanwhile
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -117,6 +117,8 @@ CASES = [
     # ---- outputs that hold someone else's files
     Case("build into a folder of other things", ["build", "--device", "m40", "--out", "{work}/keep"], 2, ("keep",)),
     Case("import-gguf over a non-empty folder", ["import-gguf", "{work}/x.gguf", "--out", "{work}/keep"], 1, ("keep", "--force")),
+    Case("synth-model over a non-empty folder", ["synth-model", "--out", "{work}/keep"], 1, ("keep", "--force")),
+    Case("synth-model seed -1", ["synth-model", "--out", "{work}/new", "--seed", "-1"], 2, ("--seed", "found -1")),
     Case("import-gguf over a file", ["import-gguf", "{work}/x.gguf", "--out", "{work}/keep/notes.txt"], 1, ("notes.txt",)),
     # ---- checkpoints
     Case("config.json not JSON", GEN, 1, ("config.json", "not valid JSON"), _write("model/config.json", "{nope")),
@@ -146,6 +148,8 @@ CASES = [
          specs=_spec_text("devices/h100.yaml", "memory_gb: 80", "memory_gb: -80")),
     Case("empty shape", ["list", "--specs", "{specs}"], 2, ("llama.yaml", "shape"),
          specs=_spec_text("models/llama.yaml", "shape: [hidden], per_layer: true}", "shape: [hidden - hidden], per_layer: true}")),
+    Case("spec is /dev/zero", ["list", "--specs", "{specs}"], 2, ("zero.yaml", "regular YAML file"),
+         specs=lambda s: (s / "devices" / "zero.yaml").symlink_to("/dev/zero")),
     Case("spec is a FIFO", ["list", "--specs", "{specs}"], 2, ("fifo.yaml", "regular YAML file"),
          specs=lambda s: os.mkfifo(s / "devices" / "fifo.yaml")),
 ]
