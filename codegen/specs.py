@@ -167,7 +167,7 @@ class BufferDef:
 # When an op lets the next launch start (sm_90+ programmatic dependent launch; elsewhere nothing):
 # "after_wait", once all its blocks have waited for their own predecessor (so at most one kernel runs
 # ahead, streaming its weights), or "early", as the op starts (for an op whose successor needs a
-# longer head start than this op's time after its wait). docs/PERF.md has the measurements.
+# longer head start than this op's time after its wait). docs/benchmarks.md has the measurements.
 DEPENDENTS = ("after_wait", "early")
 
 

@@ -40,7 +40,7 @@ def test_ab_tree_names_a_missing_ref(tmp_path: Path) -> None:
 
 
 def test_every_gpu_probe_builds_against_the_current_generated_kernels(tmp_path: Path) -> None:
-    """tools/*.cu (the probes docs/PERF.md quotes) are run by hand on the GPU machine (their build line is
+    """tools/*.cu (the probes docs/benchmarks.md quotes) are run by hand on the GPU machine (their build line is
     in their header) and must build here, host and device code, so they are ready for the next GPU run;
     the MLP probe includes generated/h200.f16.fused/kernels.cu and launches its kernels by name, so a
     change to the generated code must keep it building, or this fails here rather than on the device."""
@@ -53,7 +53,7 @@ def test_every_gpu_probe_builds_against_the_current_generated_kernels(tmp_path: 
 
 
 def test_every_python_gpu_tool_imports_against_the_current_runtime() -> None:
-    """tools/*.py run by hand on the GPU machine (docs/PERF.md quotes them) reach into runtime/ for the
+    """tools/*.py run by hand on the GPU machine (docs/benchmarks.md quotes them) reach into runtime/ for the
     graph and launch helpers; importing them here, where no GPU is needed to import, fails when a name
     they use has moved, rather than on the device."""
     tools = sorted((ROOT / "tools").glob("*.py"))

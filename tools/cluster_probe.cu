@@ -264,6 +264,6 @@ int main() {
     std::printf("%8d %14.2f %14.2f %12.1f %16.3f\n", c, with / n_layers, without / n_layers, total / with / 1e3,
                 sync_only / (n_layers * 5));
   }
-  std::printf("\n(today's kernels: 15.4 us per SmolLM2 layer on the H200, docs/PERF.md)\n");
+  std::printf("\n(for comparison: the shipped kernels took 15.4 us per SmolLM2 layer on the H200 on 2026-12-01)\n");
   return 0;
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark table of docs/PERF.md: every policy on both synthetic shapes, one GPU run.
+# The benchmark tables of docs/benchmarks.md: every policy on both synthetic shapes, one GPU run.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 synth ${SHAPES:-smollm2-135m llama-3.2-1b}

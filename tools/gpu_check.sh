@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the GPU, in one run (device tool): install PyCUDA from .whl/, run the GPU
 # tests, then benchmarks. Logs go to $OUT (the device tool brings them back); commit what matters
-# to docs/gpu.md and docs/PERF.md.
+# to docs/gpu.md and docs/benchmarks.md.
 #   usage: tools/gpu_check.sh [tests|bench|all] [extra pytest args...]
 set -uo pipefail
 what=${1:-all}; shift || true

@@ -1,5 +1,5 @@
-# Sourced by the tools/gpu_*.sh scripts on the GPU machine: PyCUDA from the repo's .whl/ (see
-# ../shared/device/README.md; tests/conftest.py also needs the gguf and tqdm wheels there:
+# Sourced by the tools/gpu_*.sh scripts on the GPU machine: PyCUDA from the repo's .whl/ (git-ignored;
+# tests/conftest.py also needs the gguf and tqdm wheels there:
 # `pip download --no-deps gguf tqdm -d .whl`), the environment the runtime needs, `cg` (the codegen CLI of the current
 # directory's tree) and `synth SHAPE...` (synthetic models of real shapes, made once, in $M).
 OUT=${OUT:-/tmp/dtypeforge-out}; mkdir -p "$OUT"

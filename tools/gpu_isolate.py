@@ -17,7 +17,7 @@ from runtime.target import find_target, load_target
 PAIRS = [["ffn_norm_gate_up_silu", "down_proj_residual"], ["o_proj_residual", "ffn_norm_gate_up_silu"],
          ["down_proj_residual", "attn_norm_qkv_rope_kv"], ["attn_norm_qkv_rope_kv", "attention_fused", "o_proj_residual"]]
 # grids as multiples of the GPU's SM count (None: the runtime's own grid); on the H200's 132 SMs the
-# fourteenth session's 132, 176, 220 and 256 blocks for the down projection (docs/PERF.md)
+# 132, 176, 220 and 256 blocks measured for the down projection (docs/benchmarks.md)
 GRIDS = [("down_proj_residual", (1, 4 / 3, 5 / 3, None)), ("ffn_norm_gate_up_silu", (3 / 2, None)),
          ("attn_norm_qkv_rope_kv", (1, None))]
 

@@ -2,8 +2,8 @@
 // kernel per layer that splits the down projection over the intermediate dimension.
 //
 // Shipped (generated/h200.f16.fused): norm + gate/up + SiLU*mul writes act (8192), then down +
-// residual reads all of act. The down kernel's 33.5 MB stream starts at that boundary (docs/PERF.md,
-// tenth session: down spans 12.3 us for 7.9 us of bytes). Split: block b owns intermediate rows
+// residual reads all of act. The down kernel's 33.5 MB stream starts at that boundary (H200
+// timeline, 2026-12-02: down spans 12.3 us for 7.9 us of bytes). Split: block b owns intermediate rows
 // [bT, bT+T): it computes their gate/up/SiLU*mul into shared memory and then dots them with the
 // matching T columns of the down weight (packed block-major, [S][hidden][T], so each block streams
 // one contiguous range) for partial sums of all `hidden` outputs. No boundary between the two streams.
@@ -23,7 +23,7 @@
 // The chain of 16 layers (distinct weights, so nothing stays in L2) is captured as one CUDA graph with
 // programmatic dependent launch, as runtime/cuda.py launches, and replayed: first the MLP alone, then
 // whole layers (the generated q/k/v, attention at 128 positions and o-proj kernels before the MLP).
-// Results: docs/PERF.md, twelfth and thirteenth sessions.
+// Results: docs/benchmarks.md (Tried and lost: the split MLP layout).
 //
 // Build and run (GPU machine): nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/mlp tools/mlp_split_probe.cu && /tmp/mlp
 #include <cstdio>

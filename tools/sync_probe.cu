@@ -1,7 +1,7 @@
 // sync_probe: what one dependency between two steps of a decode costs on this GPU, four ways.
 //
 // SmolLM2-135M's decode step is ~150 dependent kernels that each do ~1-3 us of work, so the cost of
-// a boundary decides its speed (docs/PERF.md). Here a chain of N stages, each G blocks, every block
+// a boundary decides its speed (docs/benchmarks.md). Here a chain of N stages, each G blocks, every block
 // reading what another block of the previous stage wrote (so the dependency is real), is captured in
 // one CUDA graph and replayed; the time per stage is the price of one dependency:
 //   plain    one kernel per stage, stream order (no programmatic dependent launch)
