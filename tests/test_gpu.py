@@ -9,6 +9,7 @@ model for every shipped policy. Skipped, with the reason, where there is no GPU 
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,23 @@ POLICIES = sorted(SPECS.policies["llama"])
 LAYOUTS = ["separate", "fused"]
 PROMPT = [256, 72, 101, 108, 108, 111, 44, 32]   # "<s>Hello, " in the synthetic byte tokenizer
 
-# GPU-vs-reference logits agreement per policy, as max |gpu - ref| / max |ref| over the steps
-# compared. Same policy on both sides, so the differences are summation order, f32 math
-# library ulps, and the occasional intermediate rounded to the other side of a tie.
-LOGIT_TOL = {"f32": 1e-4, "f16-storage-f32-compute": 1e-4, "f16-resident": 2e-3, "f16": 5e-3,
-             "bf16": 3e-2, "fp8-e4m3-weights": 5e-3, "int8-weights": 5e-3}
+# GPU-vs-reference logits agreement, as max |gpu - ref| / max |ref| over the steps compared. Same
+# policy on both sides, so the differences are summation order, f32 math library ulps, and the
+# occasional intermediate rounded to the other side of a tie: they scale with the narrowest dtype
+# the policy does arithmetic or rounds results in (a role's compute, accumulate or output; storage
+# dtypes round the same values on both sides). Derived from the policy's YAML, so a new policy is
+# covered without a test edit.
+ARITH_TOL = {"f32": 1e-4, "f16": 5e-3, "bf16": 3e-2}
+
+
+def logit_tol(policy: str) -> float:
+    roles = SPECS.policies["llama"][policy].roles
+    return max(ARITH_TOL[d] for r in roles.values() for f in ("compute", "accumulate", "output") if (d := r.get(f)))
+
+
+def seed_of(*parts) -> int:
+    """A seed fixed by the test's parameters, the same in every process (hash() of a str is not)."""
+    return zlib.crc32(".".join(map(str, parts)).encode()) % 1000
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +114,7 @@ def _op_check_failures(model_dir, policy, layout, *, max_seq, seed, pos, shaped=
 def test_each_kernel_matches_reference_op(smol, policy, layout):
     t, gpu, ref = _pair(smol, policy, layout, max_seq=64)
     try:
-        results = check_target_ops(gpu, ref, seed=hash((policy, layout)) % 1000, pos=37)
+        results = check_target_ops(gpu, ref, seed=seed_of(policy, layout), pos=37)
     finally:
         gpu.close()
     assert gpu.shaped     # one entry point per op, each checked
@@ -127,7 +140,7 @@ def test_decode_matches_reference(smol, policy):
     finally:
         gpu.close()
     print(f"{policy}: max logit diff / max |logit| = {worst:.3g}")
-    assert worst <= LOGIT_TOL[policy], f"{policy}: logits differ by {worst:.3g} > {LOGIT_TOL[policy]}"
+    assert worst <= logit_tol(policy), f"{policy}: logits differ by {worst:.3g} > {logit_tol(policy)}"
     assert g_new == r_new, f"{policy}: first divergence at step {next(i for i, (a, b) in enumerate(zip(g_new, r_new)) if a != b)}"
     assert len(set(g_new)) > 8        # the synthetic model walks a permutation: tokens vary
 

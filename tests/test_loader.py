@@ -19,13 +19,14 @@ from safetensors.numpy import load_file, save_file
 
 from codegen.dtypes import DTYPES, from_storage, quantize_per_output_channel, to_storage
 from codegen.expr import evaluate
+from codegen.specs import load_specs
 from runtime import loader
 from runtime.loader import (ConfigError, CorruptCheckpointError, LoadError, MissingFileError, MissingTensorError,
                             ShapeMismatchError, SourceDTypeError, load_checkpoint, pack_weights)
 from runtime.synth import write_synthetic_model
 from runtime.target import GENERATED, Target, TargetNotFound, find_target, load_target, model_env
 
-POLICIES = ["f32", "f16", "bf16", "f16-resident", "f16-storage-f32-compute", "fp8-e4m3-weights", "int8-weights"]
+POLICIES = sorted(load_specs().policies["llama"])     # every shipped policy, a new YAML one included
 LAYOUTS = ["separate", "fused"]
 QMAX = {"int8": 127.0, "fp8e4m3": 448.0}
 
