@@ -194,8 +194,7 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from runtime.bench import compare_hf, print_result, run_bench
     from runtime.loader import pack_weights, policies_holding
-    from runtime.session import resolve_backend, resolve_device
-    from runtime.target import find_target, load_target
+    from runtime.session import resolve_backend, resolve_device, target_from_specs
     specs = _specs(args)
     backend = resolve_backend(args.backend)
     if backend == "cpu" and (args.compare or args.timeline):
@@ -204,7 +203,7 @@ def cmd_bench(args) -> int:
                                  "numpy reference backend (--backend cpu, or no usable GPU); drop it or use --backend cuda")
     device = resolve_device(specs, args.device, backend)
     policy = args.policy or specs.devices[device].default_policy
-    target = load_target(find_target(device, policy, args.layout))
+    target = target_from_specs(specs, device, policy, args.layout)
     packed = pack_weights(target, args.model, max_seq=args.tokens + 16, holds=policies_holding(specs, device))
     if backend == "cpu":
         from runtime.bench import reference_ms_per_token

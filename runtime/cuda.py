@@ -31,8 +31,9 @@ from codegen.dtypes import DTYPES, INDEX_NP, from_storage
 
 from .binding import INDEX, BoundLaunch, bind, buffer_table, shape_defines
 from .errors import BackendUnavailable, KernelError
+from .target import CACHE_ROOT
 
-CACHE = Path(os.environ.get("DTYPEFORGE_CACHE", Path.home() / ".cache" / "dtypeforge")) / "cubin"
+CACHE = CACHE_ROOT / "cubin"
 COMPILE_OPTIONS: tuple[str, ...] = ()
 
 

@@ -19,7 +19,7 @@ from codegen.specs import Specs, UsageError, check_selection
 from .errors import BackendUnavailable
 from .generate import Sampling, check_context, generate
 from .loader import check_config, load_checkpoint, pack_weights, policies_holding
-from .target import LoadError, Target, find_target, load_target, model_env
+from .target import LoadError, Target, load_target, materialize, model_env
 from .tokenizer import HFTokenizer, StreamDecoder, check_text
 
 
@@ -60,6 +60,17 @@ def resolve_device(specs: Specs, device: str, backend: str) -> str:
         return "reference"
     from .cuda import gpu_name
     return device_for_gpu(specs, gpu_name())
+
+
+def target_from_specs(specs: Specs, device: str, policy: str, layout: str) -> Target:
+    """The target exactly as ``specs`` resolve it: its Plan rendered in memory (tens of ms) into a cache
+    folder named by the content, so a run uses the user's own specs (an edited policy, a new device)
+    and never a generated/ folder that may be stale; generated/ is the golden `codegen build --check`
+    holds the shipped specs to. An unknown name or a policy the device cannot run is a spec error."""
+    from codegen.build import render_targets
+    from codegen.plan import target_name
+    name = target_name(device, policy, layout)
+    return load_target(materialize(name, render_targets(specs, [(device, policy, layout)])[name]))
 
 
 def names_gpu(entry: str, gpu: str) -> bool:
@@ -129,7 +140,7 @@ def open_session(specs: Specs, model_dir, device: str = "auto", policy: str | No
     kind = resolve_backend(backend)
     device = resolve_device(specs, device, kind)
     policy = policy or specs.devices[device].default_policy
-    target = load_target(find_target(device, policy, layout))
+    target = target_from_specs(specs, device, policy, layout)
     ckpt = load_checkpoint(model_dir)          # config and tensor headers: refused here, before any progress output
     env = model_env(target.manifest, ckpt.config, ckpt.config_path)
     check_config(target.manifest, ckpt.config, ckpt.config_path, env)

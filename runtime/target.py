@@ -8,8 +8,12 @@ checkpoint, evaluating each symbol the way the model spec declares it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,8 @@ from codegen import expr
 from codegen.plan import target_name
 
 GENERATED = Path(__file__).resolve().parent.parent / "generated"
+# Compiled cubins and targets rendered from a user's specs, keyed by content (DTYPEFORGE_CACHE moves it).
+CACHE_ROOT = Path(os.environ.get("DTYPEFORGE_CACHE", Path.home() / ".cache" / "dtypeforge"))
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,)}   # JSON types accepted per symbol type
 
@@ -92,6 +98,30 @@ def lookup(config: Mapping, key: str):
             return None
         value = value.get(part)
     return value
+
+
+def materialize(name: str, files: Mapping[str, str], root: Path | None = None) -> Path:
+    """A rendered target's files in a folder of the cache named by their content, written once (all
+    files appear together: a folder is renamed into place) and shared by every later run. The folder
+    a run reads is therefore exactly what its specs render to: never a stale generated/ target."""
+    digest = hashlib.sha256(b"".join(f"{n}\0{t}\0".encode() for n, t in sorted(files.items()))).hexdigest()[:16]
+    root = Path(root) if root is not None else CACHE_ROOT / "targets"
+    out = root / f"{name}.{digest}"
+    if all((out / n).is_file() for n in files):
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        for n, text in files.items():
+            (tmp / n).write_text(text, encoding="utf-8")
+        try:
+            os.replace(tmp, out)
+        except OSError:            # another process put the same content there first
+            if not all((out / n).is_file() for n in files):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _check_value(sym: str, key: str, spec: dict, value, where: str):
