@@ -130,9 +130,9 @@ def cmd_compile(args) -> int:
         return 1
     options, what, tag = (), "", ""
     if args.model:     # the entry points the runtime compiles for this model: its shapes as constants
-        from runtime.binding import shape_defines
-        from runtime.loader import check_config, read_config
-        from runtime.target import load_target, model_env
+        from dtypeforge.runtime.binding import shape_defines
+        from dtypeforge.runtime.loader import check_config, read_config
+        from dtypeforge.runtime.target import load_target, model_env
         manifest = load_target(src.parent).manifest
         config, config_path = read_config(Path(args.model))
         env = model_env(manifest, config, config_path)
@@ -151,7 +151,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_import_gguf(args) -> int:
-    from runtime.gguf_import import import_gguf
+    from dtypeforge.runtime.gguf_import import import_gguf
     try:
         out = import_gguf(Path(args.path) if args.path else None, Path(args.out), force=args.force)
     except (ValueError, FileNotFoundError) as e:
@@ -162,8 +162,8 @@ def cmd_import_gguf(args) -> int:
 
 
 def cmd_synth_model(args) -> int:
-    from runtime.gguf_import import OutputError, check_out_dir
-    from runtime.synth import write_synthetic_model
+    from dtypeforge.runtime.gguf_import import OutputError, check_out_dir
+    from dtypeforge.runtime.synth import write_synthetic_model
     try:
         check_out_dir(Path(args.out), args.force, "synth-model")
     except OutputError as e:
@@ -175,8 +175,8 @@ def cmd_synth_model(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from runtime.session import open_session
-    from runtime.generate import Sampling
+    from dtypeforge.runtime.session import open_session
+    from dtypeforge.runtime.generate import Sampling
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     sess = open_session(_specs(args), args.model, args.device, args.policy, args.layout, args.backend,
                         prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens)
@@ -192,13 +192,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from runtime.bench import compare_hf, print_result, run_bench
-    from runtime.loader import pack_weights, policies_holding
-    from runtime.session import resolve_backend, resolve_device, target_from_specs
+    from dtypeforge.runtime.bench import compare_hf, print_result, run_bench
+    from dtypeforge.runtime.loader import pack_weights, policies_holding
+    from dtypeforge.runtime.session import resolve_backend, resolve_device, target_from_specs
     specs = _specs(args)
     backend = resolve_backend(args.backend)
     if backend == "cpu" and (args.compare or args.timeline):
-        from runtime.errors import BackendUnavailable
+        from dtypeforge.runtime.errors import BackendUnavailable
         raise BackendUnavailable(f"{'--compare' if args.compare else '--timeline'} times the GPU, but this bench runs the "
                                  "numpy reference backend (--backend cpu, or no usable GPU); drop it or use --backend cuda")
     device = resolve_device(specs, args.device, backend)
@@ -206,7 +206,7 @@ def cmd_bench(args) -> int:
     target = target_from_specs(specs, device, policy, args.layout)
     packed = pack_weights(target, args.model, max_seq=args.tokens + 16, holds=policies_holding(specs, device))
     if backend == "cpu":
-        from runtime.bench import reference_ms_per_token
+        from dtypeforge.runtime.bench import reference_ms_per_token
         ms = reference_ms_per_token(target, packed, tokens=args.tokens)
         print(f"target {target.name} on the numpy reference backend (CPU), {args.tokens} tokens: "
               f"{ms:.1f} ms/token, {1e3 / ms:.2f} tokens/s")
@@ -214,7 +214,7 @@ def cmd_bench(args) -> int:
     r = run_bench(target, packed, tokens=args.tokens)
     print_result(r)
     if args.timeline:
-        from runtime.bench import print_timeline, run_timeline
+        from dtypeforge.runtime.bench import print_timeline, run_timeline
         print_timeline(run_timeline(target, packed))
     if args.compare == "generic":
         g = run_bench(target, packed, tokens=args.tokens, shaped=False)
@@ -228,6 +228,14 @@ def cmd_bench(args) -> int:
             print(f"  {name} ({torch_dtype}): {ms:8.3f} ms/token  {1e3 / ms:8.1f} tokens/s  "
                   f"-> dtypeforge is {ms / r.ms_per_token:5.1f}x faster")
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("dtypeforge")
+    except PackageNotFoundError:      # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -255,6 +263,7 @@ _POSITIVE = _number(int, 1, what="an integer >= 1")
 
 def parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="codegen", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"%(prog)s (dtypeforge) {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     def add(name, fn, help):
@@ -319,7 +328,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from runtime.errors import UserError
+    from dtypeforge.runtime.errors import UserError
     try:
         return args.fn(args)
     except (SpecError, UsageError) as e:

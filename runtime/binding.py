@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codegen.dtypes import DTYPES, INDEX_NP
-from codegen.expr import evaluate
+from dtypeforge.codegen.dtypes import DTYPES, INDEX_NP
+from dtypeforge.codegen.expr import evaluate
 
 INDEX = "index"
 _NP_TO_NAME = {d.np_dtype: n for n, d in DTYPES.items()}

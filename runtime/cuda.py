@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from codegen.compile import ARCH_RE, compile_cubin, toolchains_for
-from codegen.dtypes import DTYPES, INDEX_NP, from_storage
+from dtypeforge.codegen.compile import ARCH_RE, compile_cubin, toolchains_for
+from dtypeforge.codegen.dtypes import DTYPES, INDEX_NP, from_storage
 
 from .binding import INDEX, BoundLaunch, bind, buffer_table, shape_defines
 from .errors import BackendUnavailable, KernelError

@@ -5,7 +5,7 @@ and keeps its traceback.
 """
 from __future__ import annotations
 
-from codegen.compile import CompileError, ToolchainError
+from dtypeforge.codegen.compile import CompileError, ToolchainError
 
 from .binding import BindError
 from .generate import ContextTooLong

@@ -26,9 +26,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from codegen.dtypes import (DTYPES, from_storage, max_finite, overflow_threshold, quantize_per_output_channel,
+from dtypeforge.codegen.dtypes import (DTYPES, from_storage, max_finite, overflow_threshold, quantize_per_output_channel,
                             storage_holds, to_storage)
-from codegen.expr import evaluate
+from dtypeforge.codegen.expr import evaluate
 
 from .rope import inv_freq, scaling as rope_scaling
 from .target import ConfigError, LoadError, Target, model_env
@@ -405,8 +405,8 @@ def policies_holding(specs, device: str, model: str = "llama") -> Holds:
     that run on ``device`` and whose storage for ``role`` packs values up to that magnitude without
     overflow (quantized storage: while the per-row scale stays finite in its dtype).
     ``specs`` is a codegen.specs.Specs."""
-    from codegen.specs import check_runs_on
-    from codegen.yamlsrc import SpecError
+    from dtypeforge.codegen.specs import check_runs_on
+    from dtypeforge.codegen.yamlsrc import SpecError
 
     dev = specs.devices[device]
     runnable = []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codegen.dtypes import from_storage, round_to, to_storage
+from dtypeforge.codegen.dtypes import from_storage, round_to, to_storage
 
 from .binding import INDEX
 from .reference import OPS

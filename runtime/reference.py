@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from codegen.dtypes import from_storage, round_to
+from dtypeforge.codegen.dtypes import from_storage, round_to
 from .binding import bind, buffer_table
 
 F32 = np.float32

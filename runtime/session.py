@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from codegen.specs import Specs, UsageError, check_selection
+from dtypeforge.codegen.specs import Specs, UsageError, check_selection
 
 from .errors import BackendUnavailable
 from .generate import Sampling, check_context, generate
@@ -67,8 +67,8 @@ def target_from_specs(specs: Specs, device: str, policy: str, layout: str) -> Ta
     folder named by the content, so a run uses the user's own specs (an edited policy, a new device)
     and never a generated/ folder that may be stale; generated/ is the golden `codegen build --check`
     holds the shipped specs to. An unknown name or a policy the device cannot run is a spec error."""
-    from codegen.build import render_targets
-    from codegen.plan import target_name
+    from dtypeforge.codegen.build import render_targets
+    from dtypeforge.codegen.plan import target_name
     name = target_name(device, policy, layout)
     return load_target(materialize(name, render_targets(specs, [(device, policy, layout)])[name]))
 

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from codegen import expr
-from codegen.plan import target_name
+from dtypeforge.codegen import expr
+from dtypeforge.codegen.plan import target_name
 
 GENERATED = Path(__file__).resolve().parent.parent / "generated"
 # Compiled cubins and targets rendered from a user's specs, keyed by content (DTYPEFORGE_CACHE moves it).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.gguf_import import default_gguf_path, import_gguf
+from dtypeforge.runtime.gguf_import import default_gguf_path, import_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

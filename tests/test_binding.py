@@ -8,11 +8,11 @@ import copy
 import numpy as np
 import pytest
 
-from runtime.binding import BindError, bind, buffer_table
-from runtime.loader import pack_weights
-from runtime.reference import ReferenceBackend
-from runtime.synth import write_synthetic_model
-from runtime.target import find_target, load_target
+from dtypeforge.runtime.binding import BindError, bind, buffer_table
+from dtypeforge.runtime.loader import pack_weights
+from dtypeforge.runtime.reference import ReferenceBackend
+from dtypeforge.runtime.synth import write_synthetic_model
+from dtypeforge.runtime.target import find_target, load_target
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_shaped_entries_compile_the_models_shapes_but_not_the_context(tiny):
     variant's too), and every int argument but max_seq becomes a -D constant with exactly the value the
     generic entry would be passed. max_seq varies per run (the cache is capped to the prompt plus new
     tokens), so two runs of one model with different contexts share one cubin."""
-    from runtime.binding import shape_defines
+    from dtypeforge.runtime.binding import shape_defines
     t = load_target(find_target("h100", "f16", "fused"))
     by_context = {}
     for max_seq in (64, 700):
@@ -158,7 +158,7 @@ def test_shaped_entries_compile_the_models_shapes_but_not_the_context(tiny):
 
 
 def test_a_shape_too_large_for_an_int_argument_is_refused(packed):
-    from runtime.binding import shape_defines
+    from dtypeforge.runtime.binding import shape_defines
     t, p = packed
     with pytest.raises(BindError, match=r"op lm_head\): rows = vocab = 4294967296 does not fit"):
         shape_defines(t.manifest, {**p.env, "vocab": 2 ** 32})

@@ -14,12 +14,12 @@ import re
 
 import pytest
 
-from codegen.build import GENERATED
-from codegen.compile import compile_cubin, toolchains_for
-from codegen.expr import evaluate
-from runtime.binding import shape_defines
-from runtime.synth import hf_config
-from runtime.target import model_env
+from dtypeforge.codegen.build import GENERATED
+from dtypeforge.codegen.compile import compile_cubin, toolchains_for
+from dtypeforge.codegen.expr import evaluate
+from dtypeforge.runtime.binding import shape_defines
+from dtypeforge.runtime.synth import hf_config
+from dtypeforge.runtime.target import model_env
 
 REGISTER_FILE = 65536            # 32-bit registers per SM on every arch the specs name (sm_52 .. sm_121)
 
@@ -68,7 +68,7 @@ def test_target_compiles(arch, target, shaped, tmp_path, caplog):
     via_nvcc = toolchains_for(arch).startswith("nvcc")
     manifest = json.loads((GENERATED / target / "manifest.json").read_text())
     defines = shape_defines(manifest, model_env(manifest, hf_config("smollm2-135m"), "smollm2-135m")) if shaped else ()
-    with caplog.at_level(logging.DEBUG, logger="codegen.compile"):
+    with caplog.at_level(logging.DEBUG, logger="dtypeforge.codegen.compile"):
         cubin = compile_cubin(GENERATED / target / "kernels.cu", arch, tmp_path / "k.cubin",
                               options=(("-Xptxas", "-v") if via_nvcc else ()) + defines)
     data = cubin.read_bytes()

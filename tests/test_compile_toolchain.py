@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from codegen.compile import CompileError, ToolchainError, compile_cubin, toolchains_for
+from dtypeforge.codegen.compile import CompileError, ToolchainError, compile_cubin, toolchains_for
 
 pytestmark = pytest.mark.compile
 
@@ -168,7 +168,7 @@ def test_sm52_without_extra_says_what_to_install() -> None:
     # sm52 extra is not installed.
     probe = (
         "import sys; sys.modules['nvidia'] = None\n"
-        "from codegen.compile import ToolchainError, toolchains_for\n"
+        "from dtypeforge.codegen.compile import ToolchainError, toolchains_for\n"
         "try:\n    toolchains_for('sm_52')\n"
         "except ToolchainError as e:\n    print(e)\n"
     )

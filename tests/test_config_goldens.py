@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.generate import generate
-from runtime.loader import pack_weights
-from runtime.reference import ReferenceBackend
-from runtime.target import LoadError, find_target, load_target
+from dtypeforge.runtime.generate import generate
+from dtypeforge.runtime.loader import pack_weights
+from dtypeforge.runtime.reference import ReferenceBackend
+from dtypeforge.runtime.target import LoadError, find_target, load_target
 
 CONFIGS = Path(__file__).resolve().parent / "goldens" / "configs"
 ACCEPTED = ("llama3", "linear", "default-theta", "tied", "mistral")

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from codegen.dtypes import (
+from dtypeforge.codegen.dtypes import (
     DTYPES,
     bf16_bits_to_f32,
     dequantize_per_output_channel,

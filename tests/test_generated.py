@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from codegen.build import GENERATED
-from codegen.cli import main
-from codegen.dtypes import DTYPES
-from codegen.plan import all_targets, resolve
-from codegen.specs import load_specs
+from dtypeforge.codegen.build import GENERATED
+from dtypeforge.codegen.cli import main
+from dtypeforge.codegen.dtypes import DTYPES
+from dtypeforge.codegen.plan import all_targets, resolve
+from dtypeforge.codegen.specs import load_specs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,8 +41,8 @@ def test_check_reports_stale_missing_and_extra_files(tmp_path, capsys):
 
 def test_output_is_deterministic_across_processes():
     """Same bytes from a fresh interpreter with a different hash seed."""
-    code = ("import hashlib,sys; from codegen.build import render_targets; from codegen.specs import load_specs;"
-            "from codegen.plan import all_targets; s=load_specs(); r=render_targets(s, all_targets(s));"
+    code = ("import hashlib,sys; from dtypeforge.codegen.build import render_targets; from dtypeforge.codegen.specs import load_specs;"
+            "from dtypeforge.codegen.plan import all_targets; s=load_specs(); r=render_targets(s, all_targets(s));"
             "h=hashlib.sha256(); [h.update((t+f+x).encode()) for t in sorted(r) for f,x in sorted(r[t].items())];"
             "print(h.hexdigest())")
     outs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
@@ -143,10 +143,10 @@ def test_fused_and_separate_layouts_compute_the_same_function(tmp_path):
     """Each fused kernel is the composition of the separate ops with their rounding points, so the
     reference backend gives bit-identical logits for both layouts of a policy."""
     import numpy as np
-    from runtime.loader import pack_weights
-    from runtime.reference import ReferenceBackend
-    from runtime.synth import write_synthetic_model
-    from runtime.target import find_target, load_target
+    from dtypeforge.runtime.loader import pack_weights
+    from dtypeforge.runtime.reference import ReferenceBackend
+    from dtypeforge.runtime.synth import write_synthetic_model
+    from dtypeforge.runtime.target import find_target, load_target
     for shape in ("tiny", "ragged"):
         model = write_synthetic_model(tmp_path / shape, shape=shape, seed=3)
         for policy in ("f32", "bf16", "fp8-e4m3-weights", "int8-weights"):
@@ -173,8 +173,8 @@ def test_device_tuning_reaches_the_kernels_and_compiles(tmp_path):
     """tuning.gemv_loads becomes DTF_GEMV_LOADS in kernels.cu (and each knob its #define), and the
     kernels still build with it."""
     import shutil
-    from codegen.compile import compile_cubin
-    from codegen.specs import DEFAULT_SPECS
+    from dtypeforge.codegen.compile import compile_cubin
+    from dtypeforge.codegen.specs import DEFAULT_SPECS
     specs_dir = tmp_path / "specs"
     shutil.copytree(DEFAULT_SPECS, specs_dir)
     f = specs_dir / "devices/h100.yaml"
@@ -196,10 +196,10 @@ def test_attention_workspace_and_grid_grow_with_the_context(tmp_path):
     """Split-KV attention: one block per head and S positions of max_seq (S the device's
     tuning.attn_threads, read from its spec), and a workspace for the blocks' partials and one counter
     per head, bound by the runtime (the spec never names it)."""
-    from runtime.binding import bind, buffer_table
-    from runtime.loader import pack_weights
-    from runtime.synth import write_synthetic_model
-    from runtime.target import load_target
+    from dtypeforge.runtime.binding import bind, buffer_table
+    from dtypeforge.runtime.loader import pack_weights
+    from dtypeforge.runtime.synth import write_synthetic_model
+    from dtypeforge.runtime.target import load_target
     t = load_target(GENERATED / "h200.f16.fused")
     model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
     cfg = json.loads((model / "config.json").read_text())
@@ -226,7 +226,7 @@ def test_attention_workspace_and_grid_grow_with_the_context(tmp_path):
 def test_kernel_bounds_name_int_parameters_of_their_family():
     """`limits` and a variant's `at_most` are checked against a launch's evaluated int arguments at
     bind time, so each name must be one of the family's int parameters (not a typo found on a GPU)."""
-    from codegen.kernels import FAMILIES
+    from dtypeforge.codegen.kernels import FAMILIES
     for fam in FAMILIES.values():
         ints = {p.name for p in fam.params if p.kind == "int"}
         names = [n for n, _ in fam.limits] + [n for v in fam.variants for n, _ in v.at_most]

@@ -16,9 +16,9 @@ import pytest
 from gguf import GGUFWriter
 from safetensors import safe_open
 
-from runtime import gguf_import
-from runtime.gguf_import import default_gguf_path, import_gguf
-from runtime.tokenizer import HFTokenizer, StreamDecoder
+from dtypeforge.runtime import gguf_import
+from dtypeforge.runtime.gguf_import import default_gguf_path, import_gguf
+from dtypeforge.runtime.tokenizer import HFTokenizer, StreamDecoder
 
 GOLDENS_DIR = Path(__file__).resolve().parent / "goldens"
 LAYERS, HIDDEN, HEAD_DIM, HEADS, KV_HEADS, FFN, VOCAB = 30, 576, 64, 9, 3, 1536, 49152

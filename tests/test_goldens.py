@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from codegen.specs import DEFAULT_SPECS, load_specs
-from runtime.session import encode_prompt
-from runtime.tokenizer import HFTokenizer
+from dtypeforge.codegen.specs import DEFAULT_SPECS, load_specs
+from dtypeforge.runtime.session import encode_prompt
+from dtypeforge.runtime.tokenizer import HFTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDENS_DIR = REPO / "tests" / "goldens"
@@ -169,7 +169,7 @@ def _single_user_chat_record() -> dict:
 
 
 def _codegen(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "codegen.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dtypeforge.codegen.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600, stdin=subprocess.DEVNULL)
 
 
@@ -193,14 +193,14 @@ def test_cli_refuses_context_overflow_before_packing(smollm2_dir):
 
 def test_cli_context_refusal_never_packs(smollm2_dir, monkeypatch, capsys):
     """The same refusal in-process, with packing made to fail loudly: the check comes first."""
-    import codegen.cli
-    import runtime.session
+    from dtypeforge.codegen import cli
+    from dtypeforge.runtime import session
 
     def no_packing(*args, **kwargs):
         raise AssertionError("weights were packed before the context check")
 
-    monkeypatch.setattr(runtime.session, "pack_weights", no_packing)
-    code = codegen.cli.main(["generate", "--model", str(smollm2_dir), "--prompt", "Hello", "--max-new-tokens",
+    monkeypatch.setattr(session, "pack_weights", no_packing)
+    code = cli.main(["generate", "--model", str(smollm2_dir), "--prompt", "Hello", "--max-new-tokens",
                              "100000", "--backend", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and "exceeds the model's context of 8192 tokens" in err and "100000" in err, err

@@ -15,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from codegen.specs import load_specs
-from runtime.generate import generate
-from runtime.loader import pack_weights
-from runtime.reference import ReferenceBackend
-from runtime.synth import write_synthetic_model
-from runtime.target import find_target, load_target
+from dtypeforge.codegen.specs import load_specs
+from dtypeforge.runtime.generate import generate
+from dtypeforge.runtime.loader import pack_weights
+from dtypeforge.runtime.reference import ReferenceBackend
+from dtypeforge.runtime.synth import write_synthetic_model
+from dtypeforge.runtime.target import find_target, load_target
 
 pytestmark = pytest.mark.gpu
 
 
 def _reason():
-    from runtime.cuda import unavailable_reason
+    from dtypeforge.runtime.cuda import unavailable_reason
     return unavailable_reason()
 
 
@@ -34,9 +34,9 @@ REASON = _reason()
 if REASON:
     pytest.skip(f"no GPU backend here: {REASON}", allow_module_level=True)
 
-from runtime.cuda import CudaBackend, gpu_name  # noqa: E402
-from runtime.opcheck import check_target_ops  # noqa: E402
-from runtime.session import names_gpu, resolve_device  # noqa: E402
+from dtypeforge.runtime.cuda import CudaBackend, gpu_name  # noqa: E402
+from dtypeforge.runtime.opcheck import check_target_ops  # noqa: E402
+from dtypeforge.runtime.session import names_gpu, resolve_device  # noqa: E402
 
 SPECS = load_specs()
 DEVICE = resolve_device(SPECS, "auto", "cuda")

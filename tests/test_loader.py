@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from codegen.dtypes import DTYPES, from_storage, quantize_per_output_channel, to_storage
-from codegen.expr import evaluate
-from codegen.specs import load_specs
-from runtime import loader
-from runtime.loader import (ConfigError, CorruptCheckpointError, LoadError, MissingFileError, MissingTensorError,
+from dtypeforge.codegen.dtypes import DTYPES, from_storage, quantize_per_output_channel, to_storage
+from dtypeforge.codegen.expr import evaluate
+from dtypeforge.codegen.specs import load_specs
+from dtypeforge.runtime import loader
+from dtypeforge.runtime.loader import (ConfigError, CorruptCheckpointError, LoadError, MissingFileError, MissingTensorError,
                             ShapeMismatchError, SourceDTypeError, load_checkpoint, pack_weights)
-from runtime.synth import write_synthetic_model
-from runtime.target import GENERATED, Target, TargetNotFound, find_target, load_target, model_env
+from dtypeforge.runtime.synth import write_synthetic_model
+from dtypeforge.runtime.target import GENERATED, Target, TargetNotFound, find_target, load_target, model_env
 
 POLICIES = sorted(load_specs().policies["llama"])     # every shipped policy, a new YAML one included
 LAYOUTS = ["separate", "fused"]

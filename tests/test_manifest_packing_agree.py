@@ -17,13 +17,13 @@ import json
 
 import pytest
 
-from codegen.dtypes import DTYPES
-from codegen.expr import evaluate
-from codegen.plan import all_targets, target_name
-from codegen.specs import load_specs
-from runtime.loader import pack_weights
-from runtime.synth import write_synthetic_model
-from runtime.target import GENERATED, load_target
+from dtypeforge.codegen.dtypes import DTYPES
+from dtypeforge.codegen.expr import evaluate
+from dtypeforge.codegen.plan import all_targets, target_name
+from dtypeforge.codegen.specs import load_specs
+from dtypeforge.runtime.loader import pack_weights
+from dtypeforge.runtime.synth import write_synthetic_model
+from dtypeforge.runtime.target import GENERATED, load_target
 
 TARGETS = sorted(p.parent.name for p in GENERATED.glob("*/manifest.json"))
 

@@ -17,19 +17,19 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from codegen import build as B
-from codegen.cli import main
-from codegen.specs import DEFAULT_SPECS, _shape_dim, load_device
-from codegen.yamlsrc import SpecError, load
-from runtime import gguf_import
-from runtime.gguf_import import OutputExists, import_gguf
+from dtypeforge.codegen import build as B
+from dtypeforge.codegen.cli import main
+from dtypeforge.codegen.specs import DEFAULT_SPECS, _shape_dim, load_device
+from dtypeforge.codegen.yamlsrc import SpecError, load
+from dtypeforge.runtime import gguf_import
+from dtypeforge.runtime.gguf_import import OutputExists, import_gguf
 
 REPO = Path(__file__).resolve().parent.parent
 SELECT = ["--device", "h100", "--policy", "f16"]          # two targets: a cheap build
 
 
 def cli(*args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "codegen.cli", *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dtypeforge.codegen.cli", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -101,7 +101,7 @@ def test_build_refuses_an_out_that_is_a_file(tmp_path):
 
 
 def test_prune_removes_only_owned_targets(tmp_path):
-    from codegen.specs import load_specs
+    from dtypeforge.codegen.specs import load_specs
     specs = load_specs()
     out = tmp_path / "gen"
     both = B.render_targets(specs, B.select_targets(specs, "h100", "f16", None))
@@ -197,7 +197,7 @@ def test_interrupt_between_write_and_rename_leaves_no_temporary(tmp_path, monkey
 
 
 def _render_h100_f16():
-    from codegen.specs import load_specs
+    from dtypeforge.codegen.specs import load_specs
     specs = load_specs()
     return B.render_targets(specs, B.select_targets(specs, "h100", "f16", None))
 
@@ -496,7 +496,7 @@ def test_shape_dimension_must_be_positive_for_some_config(tmp_path, dim, ok):
 # ----------------------------------------------------------------------------- the cubin cache
 
 def test_cubin_cache_verifies_its_content_hash(tmp_path):
-    from runtime.cuda import cache_entry
+    from dtypeforge.runtime.cuda import cache_entry
     out = tmp_path / "k.sm_90.abc.cubin"
     builds = []
 
@@ -517,7 +517,7 @@ def test_cubin_cache_verifies_its_content_hash(tmp_path):
 
 
 def test_interrupted_cubin_build_leaves_nothing(tmp_path):
-    from runtime.cuda import cache_entry
+    from dtypeforge.runtime.cuda import cache_entry
     out = tmp_path / "k.cubin"
 
     def interrupted(tmp):
@@ -532,7 +532,7 @@ def test_interrupted_cubin_build_leaves_nothing(tmp_path):
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_imported_tokenizer_adds_bos_as_the_gguf_says(tmp_path, add_bos):
     """transformers decides BOS from tokenizer.json's post-processor alone, so the importer puts it there."""
-    from runtime.tokenizer import HFTokenizer
+    from dtypeforge.runtime.tokenizer import HFTokenizer
     kv = {"tokenizer.ggml.bos_token_id": 3, "tokenizer.ggml.add_bos_token": int(add_bos)}
     out = import_gguf(tiny_llama_gguf(tmp_path / "m.gguf", kv), tmp_path / "model", progress=False)
     assert HFTokenizer(out).encode("ab") == ([3, 2] if add_bos else [2])

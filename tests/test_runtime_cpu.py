@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from codegen.build import GENERATED
-from runtime.synth import write_synthetic_model
+from dtypeforge.codegen.build import GENERATED
+from dtypeforge.runtime.synth import write_synthetic_model
 
 
 def _no_cuda() -> bool:
-    from runtime.cuda import unavailable_reason
+    from dtypeforge.runtime.cuda import unavailable_reason
     return unavailable_reason() is not None
 
 
 @pytest.mark.skipif(not _no_cuda(), reason="a usable GPU is present; this checks the message without one")
 def test_cuda_backend_without_gpu_points_at_cpu(tmp_path):
     model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
-    r = subprocess.run([sys.executable, "-m", "codegen.cli", "generate", "--model", str(model), "--prompt", "hi",
+    r = subprocess.run([sys.executable, "-m", "dtypeforge.codegen.cli", "generate", "--model", str(model), "--prompt", "hi",
                         "--backend", "cuda"], capture_output=True, text=True)
     assert r.returncode == 1 and "use --backend cpu" in r.stderr and "Traceback" not in r.stderr, r.stderr
     # and nothing was packed before refusing
@@ -33,7 +33,7 @@ def _build(args):
     import os
     os.environ["DTYPEFORGE_CACHE"] = cache
     import importlib
-    import runtime.cuda as cuda
+    from dtypeforge.runtime import cuda
     importlib.reload(cuda)
     return str(cuda.cached_cubin(Path(src), "sm_90", progress=False))
 
@@ -52,7 +52,7 @@ def test_compile_cache_is_shared_and_safe_across_processes(tmp_path):
 
 
 def test_compile_cache_key_changes_with_the_source(tmp_path, monkeypatch):
-    import runtime.cuda as cuda
+    from dtypeforge.runtime import cuda
     monkeypatch.setattr(cuda, "CACHE", tmp_path)
     calls = []
     monkeypatch.setattr(cuda, "compile_cubin", lambda src, arch, out, options=(): calls.append(out) or out.write_bytes(b"x"))
@@ -73,7 +73,7 @@ def test_bench_report_states_each_ops_share_and_its_bandwidth_efficiency():
     bytes at the copy bandwidth as a fraction of that time (33.55 MB at 4270 GB/s = 7.86 us of 11.72);
     and the step's time beyond its bytes at the copy rate, per launch."""
     import io
-    from runtime.bench import BenchResult, print_result
+    from dtypeforge.runtime.bench import BenchResult, print_result
     r = BenchResult("h200.f16.fused", "NVIDIA H200", 128, 0.845, 0.86, 2_471_600_000, 4270.0,
                     [("down [k]", 16, 0.25)], [("down [k]", 16, 0.1875, 16 * 33_554_432), ("attention [a]", 16, 0.0732, 0)])
     out = io.StringIO()
@@ -92,7 +92,7 @@ def test_timeline_measures_each_launch_from_the_previous_launchs_end():
     """timeline_rows: a launch's span runs from the previous launch's end (the previous step's last
     launch for a step's first), so a step's spans add up to its time; step 0 has no predecessor."""
     import numpy as np
-    from runtime.bench import timeline_rows
+    from dtypeforge.runtime.bench import timeline_rows
     names = ["qkv [a]", "attn [b]", "qkv [a]"]               # an op that runs twice per step
     rng = np.random.default_rng(0)
     trace, t = [], 1_000_000
@@ -118,7 +118,7 @@ def test_timeline_measures_each_launch_from_the_previous_launchs_end():
 def test_traced_kernels_build_and_export_the_timeline(tmp_path):
     """-DDTF_TRACE (codegen bench --timeline) builds every kernel of a target with the clock stamps
     and exports the buffers the runtime reads by name; without it, no trace symbol is left."""
-    from codegen.compile import compile_cubin
+    from dtypeforge.codegen.compile import compile_cubin
     cu = GENERATED / "h200.f16.fused" / "kernels.cu"
     traced = compile_cubin(cu, "sm_90", tmp_path / "traced.cubin", options=("-DDTF_TRACE",)).read_bytes()
     plain = compile_cubin(cu, "sm_90", tmp_path / "plain.cubin", options=()).read_bytes()
@@ -131,7 +131,7 @@ def test_traced_kernels_build_and_export_the_timeline(tmp_path):
 def test_bench_refuses_gpu_only_flags_on_the_cpu_backend(tmp_path, capsys, flag):
     """--timeline and --compare time the GPU: with --backend cpu they are refused by name before any
     packing, rather than silently ignored."""
-    from codegen.cli import main
+    from dtypeforge.codegen.cli import main
     model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
     assert main(["bench", "--model", str(model), "--backend", "cpu", "--device", "reference", *flag]) == 1
     err = capsys.readouterr().err
@@ -153,9 +153,9 @@ GPU_NAMES = [
 def test_auto_device_picks_the_spec_that_names_the_gpu(gpu, device):
     """gpu_names entries match whole words of the device name: "A10" is not a word of "A100-SXM4",
     "L4" not of "L40S", "H200" not of "GH200" (which h200.yaml names itself)."""
-    from codegen.specs import load_specs
-    from runtime.session import device_for_gpu
-    from runtime.target import LoadError
+    from dtypeforge.codegen.specs import load_specs
+    from dtypeforge.runtime.session import device_for_gpu
+    from dtypeforge.runtime.target import LoadError
     specs = load_specs()
     if device is None:
         with pytest.raises(LoadError, match=f"no device spec names the GPU '{gpu}'"):
@@ -166,9 +166,9 @@ def test_auto_device_picks_the_spec_that_names_the_gpu(gpu, device):
 
 def test_auto_device_refuses_a_gpu_two_specs_name(tmp_path):
     import shutil
-    from codegen.specs import load_specs
-    from runtime.session import device_for_gpu
-    from runtime.target import LoadError
+    from dtypeforge.codegen.specs import load_specs
+    from dtypeforge.runtime.session import device_for_gpu
+    from dtypeforge.runtime.target import LoadError
     root = Path(__file__).resolve().parents[1] / "specs"
     shutil.copytree(root, tmp_path / "specs")
     mine = tmp_path / "specs" / "devices" / "my_h100.yaml"
@@ -185,8 +185,8 @@ def test_cuda_backend_refuses_a_target_for_a_newer_arch_than_the_gpus(cc, ok):
     """An sm_90 target (griddepcontrol, bulk prefetch) on an sm_89 or sm_80 GPU is refused before
     any compile, naming target, spec, GPU and its arch; a newer GPU runs it."""
     import json
-    from runtime.cuda import check_gpu_runs
-    from runtime.errors import BackendUnavailable
+    from dtypeforge.runtime.cuda import check_gpu_runs
+    from dtypeforge.runtime.errors import BackendUnavailable
     manifest = json.loads((GENERATED / "h100.f16.fused" / "manifest.json").read_text())
     if ok:
         check_gpu_runs(manifest, "NVIDIA GPU", *cc)
@@ -202,7 +202,7 @@ def test_launch_attribute_carries_every_byte_of_its_value():
     the first zero byte, and the driver then saw (x, 0, 0) and refused the launch."""
     import ctypes
     import struct
-    from runtime.cuda import _LaunchAttribute
+    from dtypeforge.runtime.cuda import _LaunchAttribute
     assert ctypes.sizeof(_LaunchAttribute) == 72           # sizeof(CUlaunchAttribute) in cuda.h
     raw = bytes(_LaunchAttribute(4, 9, 1, 1))
     assert struct.unpack_from("<IIIII", raw) == (4, 0, 9, 1, 1) and raw[20:] == bytes(52)
@@ -216,7 +216,7 @@ def test_a_kernel_keeps_the_largest_shared_memory_any_of_its_launches_needs(monk
     setting it per launch to that launch's size left it at the last one's (lm_head's) and the down
     projection refused (CUDA_ERROR_INVALID_VALUE, seen on the H200 when every GEMV's shared memory grew
     past 48 KiB): it only ever grows."""
-    import runtime.cuda as cuda
+    from dtypeforge.runtime import cuda
 
     class FakeDriver:
         def __init__(self):
@@ -243,7 +243,7 @@ def test_compile_cli_builds_the_entry_points_a_model_gets(tmp_path):
     """`codegen compile` builds the generic entry points; with --model, the ones the runtime compiles for
     that model's shapes (one per op, `<kernel>__<op>`), and not the generic ones."""
     import json
-    from codegen.cli import main
+    from dtypeforge.codegen.cli import main
     model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
     manifest = json.loads((GENERATED / "h200.f16.fused" / "manifest.json").read_text())
     generic = {l["kernel"] for l in manifest["decode_step"]}

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from runtime.tokenizer import HFTokenizer
+from dtypeforge.runtime.tokenizer import HFTokenizer
 
 GOLDEN = json.loads((Path(__file__).resolve().parent / "goldens" / "smollm2_bf16_t5.json").read_text())
 
@@ -55,7 +55,7 @@ def test_generates_transformers_tokens(bf16_dir, i):
     p = GOLDEN["prompts"][i]
     tok = HFTokenizer(model)
     assert tok.encode_chat([{"role": "user", "content": p["text"]}]) == p["prompt_ids"]
-    r = subprocess.run([sys.executable, "-m", "codegen.cli", "generate", "--model", str(model), "--backend", "cpu",
+    r = subprocess.run([sys.executable, "-m", "dtypeforge.codegen.cli", "generate", "--model", str(model), "--backend", "cpu",
                         "--policy", "f32", "--layout", "fused", "--chat", "--prompt", p["text"], "--json",
                         "--max-new-tokens", str(GOLDEN["new_tokens"])], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from codegen.cli import main
-from codegen.plan import resolve
-from codegen.specs import DEFAULT_SPECS, load_specs
+from dtypeforge.codegen.cli import main
+from dtypeforge.codegen.plan import resolve
+from dtypeforge.codegen.specs import DEFAULT_SPECS, load_specs
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from codegen.specs import load_specs
-from runtime.session import open_session
-from runtime.synth import write_synthetic_model
+from dtypeforge.codegen.specs import load_specs
+from dtypeforge.runtime.session import open_session
+from dtypeforge.runtime.synth import write_synthetic_model
 
 REPO = Path(__file__).resolve().parent.parent
 KV_F16 = """# f32 everywhere except the KV cache, stored in f16 (half the cache bytes).
@@ -45,7 +45,7 @@ def myspecs(tmp_path):
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "codegen.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dtypeforge.codegen.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
 
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from codegen.dtypes import max_finite, overflow_threshold, round_to, storage_holds, to_storage
-from codegen.plan import all_targets
-from codegen.specs import load_specs
-from runtime.loader import NonFiniteWeightError, WeightOverflowError, pack_weights, policies_holding
-from runtime.synth import write_synthetic_model
-from runtime.target import LoadError, find_target, load_target
+from dtypeforge.codegen.dtypes import max_finite, overflow_threshold, round_to, storage_holds, to_storage
+from dtypeforge.codegen.plan import all_targets
+from dtypeforge.codegen.specs import load_specs
+from dtypeforge.runtime.loader import NonFiniteWeightError, WeightOverflowError, pack_weights, policies_holding
+from dtypeforge.runtime.synth import write_synthetic_model
+from dtypeforge.runtime.target import LoadError, find_target, load_target
 
 UP = "model.layers.0.mlp.up_proj.weight"          # [intermediate 128, hidden 64] in the tiny shape
 F16_MAX_BELOW_LIMIT = float(np.nextafter(np.float32(65520), np.float32(0)))

@@ -18,4 +18,7 @@ if [[ $ref != --build ]]; then
 fi
 [[ -d $tree/codegen ]] || { echo "ab_tree: $tree is not a tree (make it first: tools/ab_tree.sh $name REF)" >&2; exit 2; }
 cd "$tree"
-PYTHONPATH=$tree "$python" -c 'import sys; from codegen.cli import main; sys.exit(main())' build | tail -1
+# The venv's editable install maps dtypeforge.* to the checkout; drop its finder so the tree's own
+# files (found through PYTHONPATH and dtypeforge/__init__.py) render.
+PYTHONPATH=$tree "$python" -c 'import sys; sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+from dtypeforge.codegen.cli import main; sys.exit(main())' build | tail -1

@@ -9,10 +9,10 @@ step instead.)
 """
 import sys
 
-from runtime.bench import _replay_ms, copy_bandwidth, weight_bytes_per_token
-from runtime.cuda import CudaBackend, _Graph, _Launch
-from runtime.loader import pack_weights
-from runtime.target import find_target, load_target
+from dtypeforge.runtime.bench import _replay_ms, copy_bandwidth, weight_bytes_per_token
+from dtypeforge.runtime.cuda import CudaBackend, _Graph, _Launch
+from dtypeforge.runtime.loader import pack_weights
+from dtypeforge.runtime.target import find_target, load_target
 
 PAIRS = [["ffn_norm_gate_up_silu", "down_proj_residual"], ["o_proj_residual", "ffn_norm_gate_up_silu"],
          ["down_proj_residual", "attn_norm_qkv_rope_kv"], ["attn_norm_qkv_rope_kv", "attention_fused", "o_proj_residual"]]

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from codegen.specs import load_specs
-from runtime.cuda import CudaBackend
-from runtime.generate import generate
-from runtime.gguf_import import import_gguf
-from runtime.loader import pack_weights
-from runtime.reference import ReferenceBackend
-from runtime.session import resolve_device
-from runtime.target import find_target, load_target
-from runtime.tokenizer import HFTokenizer
+from dtypeforge.codegen.specs import load_specs
+from dtypeforge.runtime.cuda import CudaBackend
+from dtypeforge.runtime.generate import generate
+from dtypeforge.runtime.gguf_import import import_gguf
+from dtypeforge.runtime.loader import pack_weights
+from dtypeforge.runtime.reference import ReferenceBackend
+from dtypeforge.runtime.session import resolve_device
+from dtypeforge.runtime.target import find_target, load_target
+from dtypeforge.runtime.tokenizer import HFTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

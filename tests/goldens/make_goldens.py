@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
-from runtime.gguf_import import default_gguf_path, import_gguf  # noqa: E402  (needs REPO on sys.path)
+from dtypeforge.runtime.gguf_import import default_gguf_path, import_gguf  # noqa: E402  (needs REPO on sys.path)
 
 NEW_TOKENS = 32
 DIVERGENT_TEXT = "x = [\n    1,\n    2]"

@@ -41,11 +41,11 @@ REPO = HERE.parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from runtime.generate import generate  # noqa: E402  (needs REPO on sys.path when run as a script)
-from runtime.gguf_import import default_gguf_path, import_gguf  # noqa: E402
-from runtime.loader import pack_weights  # noqa: E402
-from runtime.reference import ReferenceBackend  # noqa: E402
-from runtime.target import find_target, load_target  # noqa: E402
+from dtypeforge.runtime.generate import generate  # noqa: E402  (needs REPO on sys.path when run as a script)
+from dtypeforge.runtime.gguf_import import default_gguf_path, import_gguf  # noqa: E402
+from dtypeforge.runtime.loader import pack_weights  # noqa: E402
+from dtypeforge.runtime.reference import ReferenceBackend  # noqa: E402
+from dtypeforge.runtime.target import find_target, load_target  # noqa: E402
 
 POLICIES = ("f16-storage-f32-compute", "f16-resident", "bf16", "f16", "fp8-e4m3-weights", "int8-weights")
 PROMPTS = (0, 1, 3, 4)          # indices into smollm2_f32_greedy.json's prompts
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
 
-    from runtime.tokenizer import HFTokenizer
+    from dtypeforge.runtime.tokenizer import HFTokenizer
     goldens, golden_logits = load_goldens()
     records = {r["index"]: r for r in goldens["prompts"]}
     model = model_dir()

@@ -41,7 +41,7 @@ CONVERSATIONS = [
 ]
 PLAIN = ["Hello world", "", "Zürich 日本語 🙂", "<s>already</s>", "  two spaces\n\nand newlines", "123 4567"]
 
-# A second template, told apart from runtime.synth.CHAT_TEMPLATE by its output (and it writes no BOS).
+# A second template, told apart from dtypeforge.runtime.synth.CHAT_TEMPLATE by its output (and it writes no BOS).
 ALT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 
@@ -50,7 +50,7 @@ def layouts() -> dict[str, dict]:
     """Folder layouts of the synthetic tokenizer. config_chat_template: "keep" (as runtime.synth
     writes it), null (key removed) or a value to store; jinja: chat_template.jinja's text or null;
     extra: additional_chat_templates/<name>.jinja; post_processor: keep tokenizer.json's."""
-    from runtime.synth import CHAT_TEMPLATE
+    from dtypeforge.runtime.synth import CHAT_TEMPLATE
 
     base = {"config_chat_template": "keep", "jinja": None, "extra": {}, "post_processor": True}
     return {
@@ -71,7 +71,7 @@ def layouts() -> dict[str, dict]:
 
 
 def make_layout(synth_dir: Path, out: Path, layout: dict) -> Path:
-    """A tokenizer-only model folder in ``out`` from runtime.synth's files in ``synth_dir``."""
+    """A tokenizer-only model folder in ``out`` from dtypeforge.runtime.synth's files in ``synth_dir``."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = json.loads((synth_dir / "tokenizer.json").read_text(encoding="utf-8"))
     if not layout["post_processor"]:
@@ -107,7 +107,7 @@ def _plain(tok) -> list[list[int]]:
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from runtime.synth import write_synthetic_model
+    from dtypeforge.runtime.synth import write_synthetic_model
 
     smollm2 = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_SMOLLM2
     result = {"versions": {p: importlib.metadata.version(p) for p in ("transformers", "tokenizers", "jinja2")},
