@@ -22,3 +22,8 @@ _CHECKOUT = __import__("pathlib").Path(__file__).resolve().parent.parent
 if not (_CHECKOUT / "dtypeforge" / "codegen").is_dir() and (_CHECKOUT / "codegen" / "__init__.py").is_file() \
         and (_CHECKOUT / "pyproject.toml").is_file():
     __path__.append(str(_CHECKOUT))
+
+from .api import Engine, Sampling, load  # noqa: E402  (after __path__ is complete)
+from .errors import UserError  # noqa: E402
+
+__all__ = ["Engine", "Sampling", "UserError", "load", "__version__"]

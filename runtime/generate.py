@@ -6,7 +6,7 @@ runtime produce their tokens by one shared loop and differ only in their kernels
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,24 +56,31 @@ def check_context(n_prompt: int, max_new: int, max_seq: int) -> None:
                              f"exceeds the model's context of {max_seq} tokens")
 
 
+def stream_tokens(backend, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = (),
+                  sampling: Sampling = Sampling()) -> Iterator[int]:
+    """New token ids, yielded as each is sampled (EOS included when it stops generation)."""
+    rng = np.random.default_rng(sampling.seed)
+    backend.reset()
+    logits = None
+    for pos, tok in enumerate(prompt_ids):
+        logits = backend.step(int(tok), pos)
+    for n in range(max_new_tokens):
+        tok = sample(logits, sampling, rng)
+        yield tok
+        if tok in eos_ids or n == max_new_tokens - 1:
+            return
+        logits = backend.step(tok, len(prompt_ids) + n)
+
+
 def generate(backend, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = (),
              sampling: Sampling = Sampling(), on_token: Callable[[int], None] | None = None,
              max_seq: int | None = None) -> list[int]:
     """Return the new token ids (EOS included when it stops generation)."""
     if max_seq is not None:
         check_context(len(prompt_ids), max_new_tokens, max_seq)
-    rng = np.random.default_rng(sampling.seed)
-    backend.reset()
-    logits = None
-    for pos, tok in enumerate(prompt_ids):
-        logits = backend.step(int(tok), pos)
-    new: list[int] = []
-    for n in range(max_new_tokens):
-        tok = sample(logits, sampling, rng)
+    new = []
+    for tok in stream_tokens(backend, prompt_ids, max_new_tokens, eos_ids, sampling):
         new.append(tok)
         if on_token:
             on_token(tok)
-        if tok in eos_ids or n == max_new_tokens - 1:
-            break
-        logits = backend.step(tok, len(prompt_ids) + n)
     return new

@@ -17,7 +17,7 @@ from typing import TextIO
 from dtypeforge.codegen.specs import Specs, UsageError, check_selection
 
 from .errors import BackendUnavailable
-from .generate import Sampling, check_context, generate
+from .generate import Sampling, check_context, stream_tokens
 from .loader import check_config, load_checkpoint, pack_weights, policies_holding
 from .target import LoadError, Target, load_target, materialize, model_env
 from .tokenizer import HFTokenizer, StreamDecoder, check_text
@@ -92,30 +92,69 @@ def device_for_gpu(specs: Specs, gpu: str) -> str:
     return hits[0].name
 
 
-class Session:
-    def __init__(self, target: Target, backend, tokenizer: HFTokenizer, prompt_ids: list[int], max_new: int,
-                 device: str, policy: str):
+class Engine:
+    """A checkpoint packed for one target and backend: what ``dtypeforge.load`` returns.
+
+    ``generate`` yields each new token as the backend produces it; the KV cache holds ``max_seq``
+    positions (prompt and new tokens together), fixed when the weights were packed."""
+
+    def __init__(self, target: Target, backend, tokenizer: HFTokenizer, max_seq: int, device: str, policy: str):
         self.target, self.backend, self.tokenizer = target, backend, tokenizer
-        self.prompt_ids, self.max_new, self.device, self.policy = prompt_ids, max_new, device, policy
+        self.max_seq, self.device, self.policy = max_seq, device, policy
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, chat)
+
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling()):
+        """New token ids, one at a time, as they are produced (EOS included when it stops generation)."""
+        check_context(len(prompt_ids), max_new_tokens, self.max_seq)
+        return stream_tokens(self.backend, prompt_ids, max_new_tokens, self.tokenizer.eos_ids, sampling)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, *, chat: bool = False, sampling: Sampling = Sampling()):
+        """Yields (token id, the text it completes) per new token: text arrives whole, never half a
+        UTF-8 character (a token that ends mid-character yields "" and the next one carries it)."""
+        decoder = StreamDecoder(self.tokenizer)
+        for t in self.stream(self.encode(prompt, chat), max_new_tokens, sampling):
+            yield t, decoder.push(t)
+        tail = decoder.flush()
+        if tail:
+            yield None, tail
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Session:
+    """One command-line run: an engine sized for one prompt and its new tokens."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], max_new: int):
+        self.engine, self.prompt_ids, self.max_new = engine, prompt_ids, max_new
+        self.target, self.backend, self.tokenizer = engine.target, engine.backend, engine.tokenizer
+        self.device, self.policy = engine.device, engine.policy
 
     def run(self, sampling: Sampling = Sampling(), stream: TextIO | None = None) -> Result:
         decoder = StreamDecoder(self.tokenizer)
-        first: list[float] = []
-
-        def on_token(t: int) -> None:
-            if not first:
-                first.append(time.perf_counter())
+        new: list[int] = []
+        t0 = time.perf_counter()
+        first = None
+        for t in self.engine.stream(self.prompt_ids, self.max_new, sampling):
+            first = first or time.perf_counter()
+            new.append(t)
             if stream is not None:
                 stream.write(decoder.push(t))
                 stream.flush()
-
-        t0 = time.perf_counter()
-        new = generate(self.backend, self.prompt_ids, self.max_new, self.tokenizer.eos_ids, sampling, on_token)
         t1 = time.perf_counter()
         if stream is not None:
             stream.write(decoder.flush())
-        return Result(self.prompt_ids, new, self.tokenizer.decode(new, skip_special_tokens=True),
-                      first[0] - t0, t1 - first[0])
+        return Result(self.prompt_ids, new, self.tokenizer.decode(new, skip_special_tokens=True), first - t0, t1 - first)
 
 
 def encode_prompt(tok: HFTokenizer, prompt: str, chat: bool) -> list[int]:
@@ -127,16 +166,13 @@ def encode_prompt(tok: HFTokenizer, prompt: str, chat: bool) -> list[int]:
     return tok.encode(prompt)
 
 
-def open_session(specs: Specs, model_dir, device: str = "auto", policy: str | None = None, layout: str = "fused",
-                 backend: str = "auto", *, prompt: str, chat: bool = False, max_new_tokens: int = 64,
-                 progress: bool = True) -> Session:
+def _prepare(specs: Specs, model_dir, device: str, policy: str | None, layout: str, backend: str):
+    """Everything refused before a weight is read: names, backend, target, config, tokenizer."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise LoadError(f"{model_dir} is not a model directory (no config.json); "
                         f"make one with `codegen import-gguf --out {model_dir}` or `codegen synth-model`")
     check_selection(specs, None if device == "auto" else device, policy, layout)
-    if max_new_tokens < 1:
-        raise UsageError(f"max_new_tokens must be at least 1, found {max_new_tokens}")
     kind = resolve_backend(backend)
     device = resolve_device(specs, device, kind)
     policy = policy or specs.devices[device].default_policy
@@ -144,17 +180,40 @@ def open_session(specs: Specs, model_dir, device: str = "auto", policy: str | No
     ckpt = load_checkpoint(model_dir)          # config and tensor headers: refused here, before any progress output
     env = model_env(target.manifest, ckpt.config, ckpt.config_path)
     check_config(target.manifest, ckpt.config, ckpt.config_path, env)
-    tok = HFTokenizer(model_dir)
-    prompt_ids = encode_prompt(tok, prompt, chat)
-    check_context(len(prompt_ids), max_new_tokens, env["max_seq"])
+    return model_dir, kind, device, policy, target, env, HFTokenizer(model_dir)
+
+
+def _engine(specs, model_dir, kind, device, policy, target, tok, max_seq: int, progress: bool) -> Engine:
     if progress:
         print(f"[{target.name} on the {kind} backend]", file=sys.stderr, flush=True)
-    packed = pack_weights(target, model_dir, max_seq=len(prompt_ids) + max_new_tokens, progress=progress,
-                          holds=policies_holding(specs, device))
+    packed = pack_weights(target, model_dir, max_seq=max_seq, progress=progress, holds=policies_holding(specs, device))
     if kind == "cuda":
         from .cuda import CudaBackend
         be = CudaBackend(target, packed, progress=progress)
     else:
         from .reference import ReferenceBackend
         be = ReferenceBackend(target.manifest, packed)
-    return Session(target, be, tok, prompt_ids, max_new_tokens, device, policy)
+    return Engine(target, be, tok, packed.env["max_seq"], device, policy)
+
+
+def open_engine(specs: Specs, model_dir, device: str = "auto", policy: str | None = None, layout: str = "fused",
+                backend: str = "auto", *, max_seq: int = 4096, progress: bool = False) -> Engine:
+    """An engine whose KV cache holds ``max_seq`` positions (at most the model's context)."""
+    if isinstance(max_seq, bool) or not isinstance(max_seq, int) or max_seq < 2:
+        raise UsageError(f"max_seq must be an int of at least 2, found {max_seq!r}")
+    model_dir, kind, device, policy, target, env, tok = _prepare(specs, model_dir, device, policy, layout, backend)
+    return _engine(specs, model_dir, kind, device, policy, target, tok, min(max_seq, env["max_seq"]), progress)
+
+
+def open_session(specs: Specs, model_dir, device: str = "auto", policy: str | None = None, layout: str = "fused",
+                 backend: str = "auto", *, prompt: str, chat: bool = False, max_new_tokens: int = 64,
+                 progress: bool = True) -> Session:
+    """The command line's run: the prompt is encoded and checked against the context before packing, and
+    the KV cache sized for exactly the prompt and its new tokens."""
+    if max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens must be at least 1, found {max_new_tokens}")
+    model_dir, kind, device, policy, target, env, tok = _prepare(specs, model_dir, device, policy, layout, backend)
+    prompt_ids = encode_prompt(tok, prompt, chat)
+    check_context(len(prompt_ids), max_new_tokens, env["max_seq"])
+    engine = _engine(specs, model_dir, kind, device, policy, target, tok, len(prompt_ids) + max_new_tokens, progress)
+    return Session(engine, prompt_ids, max_new_tokens)
