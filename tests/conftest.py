@@ -8,6 +8,7 @@ directory into place, so a directory that exists with every file is complete.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -16,6 +17,15 @@ import pytest
 from dtypeforge.runtime.gguf_import import default_gguf_path, import_gguf
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def golden_script(name: str):
+    """A script of tests/goldens/ (run by hand with transformers) as a module, for the parts tests share
+    with it (its prompts, its layouts, how it measures) without transformers installed."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "goldens" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import golden_script
 
 from dtypeforge.codegen.specs import DEFAULT_SPECS, load_specs
 from dtypeforge.runtime.session import encode_prompt
@@ -33,14 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDENS_DIR = REPO / "tests" / "goldens"
 
 
-def _load_maker():
-    spec = importlib.util.spec_from_file_location("make_policy_agreement", GOLDENS_DIR / "make_policy_agreement.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MP = _load_maker()
+MP = golden_script("make_policy_agreement")
 GOLDENS, GOLDEN_LOGITS = MP.load_goldens()
 RECORDS = {r["index"]: r for r in GOLDENS["prompts"]}
 F32_NEW_TOKENS = 32

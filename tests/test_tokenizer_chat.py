@@ -8,13 +8,13 @@ rebuilt here with the script's own `make_layout`, so both sides load the same fi
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import golden_script
 
 from dtypeforge.runtime.session import encode_prompt
 from dtypeforge.runtime.synth import BOS_ID, write_synthetic_model
@@ -25,14 +25,7 @@ GOLDENS_DIR = Path(__file__).resolve().parent / "goldens"
 GOLDENS = json.loads((GOLDENS_DIR / "tokenizer_ids.json").read_text(encoding="utf-8"))
 
 
-def _load_maker():
-    spec = importlib.util.spec_from_file_location("make_tokenizer_goldens", GOLDENS_DIR / "make_tokenizer_goldens.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MAKER = _load_maker()
+MAKER = golden_script("make_tokenizer_goldens")
 LAYOUTS = MAKER.layouts()
 
 
