@@ -60,6 +60,14 @@ from pathlib import Path
 __all__ = ["CompileError", "ToolchainError", "compile_cubin", "toolchains_for"]
 
 _log = logging.getLogger(__name__)
+# The shared device headers every generated kernels.cu includes ("dtf/dtypes.cuh", ...): the package's
+# templates/ folder is on the include path of every compile.
+HEADERS = Path(__file__).resolve().parent.parent / "templates"
+
+
+def header_files() -> list[Path]:
+    """The headers a compile can include, for cache keys that must change when one does."""
+    return sorted((HEADERS / "dtf").glob("*.cuh"))
 
 ARCH_RE = re.compile(r"^sm_([0-9]{2,3})([a-z]?)$")
 
@@ -318,6 +326,7 @@ def compile_cubin(source_path: Path, arch: str, out_path: Path | None = None, *,
     if isinstance(options, str):
         raise TypeError("options must be a sequence of option strings, not one string")
     toolchain = _select(arch)
+    options = (f"-I{HEADERS}", *options)
     source = Path(source_path).resolve()
     if not source.is_file():
         raise FileNotFoundError(source)

@@ -27,7 +27,7 @@ def inputs_hash(plan: Plan) -> str:
     h = hashlib.sha256(f"dtypeforge-generator-{GENERATOR_VERSION}\n".encode())
     files = [plan.model.src.path, plan.device.src.path]
     files += sorted({src.path for src, _ in plan.policy.origin.values()})
-    files += sorted(TEMPLATES.glob("*.j2"))
+    files += sorted(TEMPLATES.glob("*.j2")) + sorted(TEMPLATES.glob("dtf/*.cuh"))
     for f in files:
         h.update(f"{f.parent.name}/{f.name}\n".encode())
         h.update(f.read_bytes())

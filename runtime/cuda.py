@@ -26,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dtypeforge.codegen.compile import ARCH_RE, compile_cubin, toolchains_for
+from dtypeforge.codegen.compile import ARCH_RE, compile_cubin, header_files, toolchains_for
 from dtypeforge.codegen.dtypes import DTYPES, INDEX_NP, from_storage
 
 from .binding import INDEX, BoundLaunch, bind, buffer_table, shape_defines
 from .errors import BackendUnavailable, KernelError
-from .target import CACHE_ROOT
+from .target import cache_root
 
-CACHE = CACHE_ROOT / "cubin"
+CACHE = cache_root() / "cubin"
 COMPILE_OPTIONS: tuple[str, ...] = ()
 
 
@@ -78,7 +78,7 @@ def check_gpu_runs(manifest: dict, gpu: str, major: int, minor: int) -> None:
 
 def cached_cubin(source: Path, arch: str, options=COMPILE_OPTIONS, progress: bool = True, what: str = "") -> Path:
     """Compile ``source`` for ``arch`` once; later calls (any process) reuse the cubin."""
-    text = source.read_bytes()
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in header_files())   # what the compile reads
     key = hashlib.sha256(b"\0".join([text, " ".join(options).encode(), toolchains_for(arch).encode(),
                                      arch.encode()])).hexdigest()[:24]
 

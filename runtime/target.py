@@ -22,8 +22,12 @@ from dtypeforge.codegen import expr
 from dtypeforge.codegen.plan import target_name
 
 GENERATED = Path(__file__).resolve().parent.parent / "generated"
-# Compiled cubins and targets rendered from a user's specs, keyed by content (DTYPEFORGE_CACHE moves it).
-CACHE_ROOT = Path(os.environ.get("DTYPEFORGE_CACHE", Path.home() / ".cache" / "dtypeforge"))
+
+
+def cache_root() -> Path:
+    """Where compiled cubins and targets rendered from a user's specs are kept, keyed by content
+    (the DTYPEFORGE_CACHE environment variable moves it)."""
+    return Path(os.environ.get("DTYPEFORGE_CACHE", Path.home() / ".cache" / "dtypeforge"))
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,)}   # JSON types accepted per symbol type
 
@@ -105,7 +109,7 @@ def materialize(name: str, files: Mapping[str, str], root: Path | None = None) -
     files appear together: a folder is renamed into place) and shared by every later run. The folder
     a run reads is therefore exactly what its specs render to: never a stale generated/ target."""
     digest = hashlib.sha256(b"".join(f"{n}\0{t}\0".encode() for n, t in sorted(files.items()))).hexdigest()[:16]
-    root = Path(root) if root is not None else CACHE_ROOT / "targets"
+    root = Path(root) if root is not None else cache_root() / "targets"
     out = root / f"{name}.{digest}"
     if all((out / n).is_file() for n in files):
         return out

@@ -110,10 +110,13 @@ def test_only_ops_marked_early_let_the_next_launch_start_at_once():
         early = launch.op in early_ops
         assert launch.kernel.endswith("_early") == early == plan.kernels[launch.kernel].early_dependents, launch.op
         assert starts[launch.kernel] == ("1" if early else "0"), launch.kernel
-    wait = re.search(r"#define DTF_WAIT_PRIOR\(\) (.*)", cu).group(1)
+    header = (REPO / "templates" / "dtf" / "dtypes.cuh").read_text()
+    with_pdl, without = header.split("#if DTF_PDL\n", 1)[1].split("#endif", 1)[0].split("#else\n")
+    wait = re.search(r"#define DTF_WAIT_PRIOR\(\) (.*)", with_pdl).group(1)
     assert wait.index("griddepcontrol.wait") < wait.index("griddepcontrol.launch_dependents")
+    assert "griddepcontrol" not in without
     m40 = (GENERATED / "m40.f16-storage-f32-compute.fused" / "kernels.cu").read_text()
-    assert "griddepcontrol" not in m40 and "DTF_KERNEL_START(1)" in m40
+    assert "#define DTF_PDL 1" in cu and "#define DTF_PDL 0" in m40 and "DTF_KERNEL_START(1)" in m40
 
 
 def test_launch_sequence_matches_the_policy():
@@ -240,13 +243,14 @@ def _byte_perm(x: int, y: int, s: int) -> int:
 
 
 def test_int8_weights_widen_exactly_through_f16_pairs():
-    """The sm_80+ int8 widening in the generated kernels (Widen<signed char>, templates/rows.cuh.j2):
+    """The sm_80+ int8 widening in the generated kernels (Widen<signed char>, templates/dtf/rows.cuh):
     each byte q, top bit flipped, is permuted into the low byte of an f16 0x64tt (1024 + q + 128), and
     one f16 subtraction of 1152 must give q exactly. Emulated here with numpy's float16 (round to
     nearest even, as __hsub2) for every int8 value in every byte position of a 32-bit word, with the
-    constants read from the generated code, so a CPU-only run (CI) checks the arithmetic the GPU tests
-    check on the device."""
-    cu = (GENERATED / "h200.int8-weights.fused" / "kernels.cu").read_text()
+    constants read from the header the generated code includes, so a CPU-only run (CI) checks the
+    arithmetic the GPU tests check on the device."""
+    cu = (REPO / "templates" / "dtf" / "rows.cuh").read_text()
+    assert '#include "dtf/rows.cuh"' in (GENERATED / "h200.int8-weights.fused" / "kernels.cu").read_text()
     widen = cu[cu.index("template <> struct Widen<signed char>"):]
     widen = widen[:widen.index("\n};\n")]
     m = re.search(r"r\.x \^ (0x[0-9a-f]+)u.*?__ushort_as_half\((0x[0-9a-f]+)\).*?"

@@ -1,3 +1,8 @@
+#pragma once
+// dtf/rows.cuh: the row-parallel kernels' building blocks: staging an input vector in shared memory, the
+// RMSNorm prologue, RowsDot (a warp's grid-stride, double-buffered weight stream) and EarlyScale.
+// The target's kernels.cu defines DTF_FP8, DTF_ARITH_F16, DTF_ARITH_BF16, DTF_PDL and the tuning
+// macros before including it (templates/kernels.cu.j2).
 
 // ---- building blocks shared by the row-parallel kernels ------------------------------------
 namespace dtf {
@@ -46,7 +51,8 @@ template <> struct Widen<__nv_bfloat16> {
     for (int i = 0; i < 4; ++i) { o[2 * i] = __uint_as_float(u[i] << 16); o[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u); }
   }
 };
-{% if "fp8e4m3" in dtypes_used %}
+#if DTF_FP8
+
 template <> struct Widen<__nv_fp8_e4m3> {
   static constexpr int N = 16;
   __device__ __forceinline__ static void run(const uint4& r, float* o) {
@@ -58,7 +64,7 @@ template <> struct Widen<__nv_fp8_e4m3> {
     }
   }
 };
-{% endif %}
+#endif
 // int8 through f16 pairs (sm_80+): with t = q + 128 (q's byte with its top bit flipped), the f16 of
 // bits 0x64tt is 1024 + t exactly, so one byte permute builds two such halves from two bytes, one
 // packed f16 subtraction of 1152 gives q exactly, and the f16 -> f32 conversion follows as for f16
@@ -97,10 +103,11 @@ template <> struct ExactIn<__half, __half> { static constexpr bool value = true;
 template <> struct ExactIn<__nv_bfloat16, __nv_bfloat16> { static constexpr bool value = true; };
 template <> struct ExactIn<signed char, __half> { static constexpr bool value = true; };
 template <> struct ExactIn<signed char, __nv_bfloat16> { static constexpr bool value = true; };
-{% if "fp8e4m3" in dtypes_used %}
+#if DTF_FP8
+
 template <> struct ExactIn<__nv_fp8_e4m3, __half> { static constexpr bool value = true; };
 template <> struct ExactIn<__nv_fp8_e4m3, __nv_bfloat16> { static constexpr bool value = true; };
-{% endif %}
+#endif
 
 template <typename C> __device__ __forceinline__ float round_to(float v) { return to_f32(from_f32<C>(v)); }
 

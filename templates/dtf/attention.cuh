@@ -1,3 +1,7 @@
+#pragma once
+// dtf/attention.cuh: decode attention shared by the attention kernels (split-KV, online softmax, GQA).
+// The target's kernels.cu defines DTF_FP8, DTF_ARITH_F16, DTF_ARITH_BF16, DTF_PDL and the tuning
+// macros before including it (templates/kernels.cu.j2).
 
 // ---- decode attention, shared by the attention kernels ---------------------------------------
 // Single-query attention of one q head over positions 0..pos of one layer's KV cache, grouped-query
@@ -9,8 +13,6 @@
 // bandwidth, bounds this at batch 1, so the fast path loads a chunk's K and V rows together
 // (16-byte vectors, into registers), those of earlier positions before the kernel waits for the
 // previous one, and stages q meanwhile: one L2 round trip (q, row pos) on the critical path.
-#define DTF_ATTN_MAX_HEAD_DIM {{ attn_max_head_dim }}
-#define DTF_ATTN_THREADS {{ attn_threads }}
 #define DTF_ATTN_SPLIT DTF_ATTN_THREADS   // positions per split: four 8-position chunks per warp
 #define DTF_ATTN_MIN_BLOCKS (512 / DTF_ATTN_THREADS)   // launch bounds: at most 128 registers per thread
 namespace dtf {

@@ -1,8 +1,14 @@
+#pragma once
+// dtf/dtypes.cuh: the device side of the dtype table: exact conversions through f32 (RNE), one-rounding
+// elementwise math per compute dtype, the dot-product step, launch ordering and the timeline stamps.
+// The target's kernels.cu defines DTF_FP8, DTF_ARITH_F16, DTF_ARITH_BF16, DTF_PDL and the tuning
+// macros before including it (templates/kernels.cu.j2).
 #include <stdint.h>   // int8_t: nvcc's headers bring it in, NVRTC's (codegen/compile.py hands it one) do not
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-{% if "fp8e4m3" in dtypes_used %}#include <cuda_fp8.h>
-{% endif %}
+#if DTF_FP8
+#include <cuda_fp8.h>
+#endif
 
 // ---- timeline: compiled in only with -DDTF_TRACE (`codegen bench --timeline`) --------------------
 #ifdef DTF_TRACE
@@ -45,7 +51,7 @@ struct Trace {
 #endif
 
 // ---- launch ordering ------------------------------------------------------------------------
-{% if pdl %}
+#if DTF_PDL
 // Programmatic dependent launch (the device spec's programmatic_dependent_launch). Every kernel opens
 // with DTF_KERNEL_START(early) and, before DTF_WAIT_PRIOR() (which waits until the previous kernel has
 // finished and its writes are visible), reads only weights and what earlier decode steps wrote (the
@@ -57,10 +63,10 @@ struct Trace {
 // whose time after its wait is shorter than the head start its successor needs (docs/benchmarks.md).
 #define DTF_KERNEL_START(early) DTF_TRACE_BEGIN(); if (early) asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #define DTF_WAIT_PRIOR() asm volatile("griddepcontrol.wait;" ::: "memory"); asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); DTF_TRACE_WAITED()
-{% else %}
+#else
 #define DTF_KERNEL_START(early) DTF_TRACE_BEGIN()
 #define DTF_WAIT_PRIOR() DTF_TRACE_WAITED()
-{% endif %}
+#endif
 
 // ---- L2 prefetch (tuning.l2_prefetch_kib) --------------------------------------------------------
 // Asks the L2 to fetch this block's share (`part` of `parts`) of the first DTF_L2_PREFETCH_KIB KiB of a
@@ -87,8 +93,9 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-{% if "fp8e4m3" in dtypes_used %}__device__ __forceinline__ float to_f32(__nv_fp8_e4m3 v) { return static_cast<float>(v); }
-{% endif %}
+#if DTF_FP8
+__device__ __forceinline__ float to_f32(__nv_fp8_e4m3 v) { return static_cast<float>(v); }
+#endif
 __device__ __forceinline__ float to_f32(signed char v) { return static_cast<float>(v); }
 
 template <typename T> __device__ __forceinline__ T from_f32(float v);
@@ -102,12 +109,14 @@ template <typename To, typename From> __device__ __forceinline__ To cvt(From v) 
 // Elementwise arithmetic in a compute dtype: one rounding per operation, as the reference models it.
 __device__ __forceinline__ float mul(float a, float b) { return a * b; }
 __device__ __forceinline__ float add(float a, float b) { return a + b; }
-{% if "f16" in arith_used %}__device__ __forceinline__ __half mul(__half a, __half b) { return __hmul(a, b); }
+#if DTF_ARITH_F16
+__device__ __forceinline__ __half mul(__half a, __half b) { return __hmul(a, b); }
 __device__ __forceinline__ __half add(__half a, __half b) { return __hadd(a, b); }
-{% endif %}
-{% if "bf16" in arith_used %}__device__ __forceinline__ __nv_bfloat16 mul(__nv_bfloat16 a, __nv_bfloat16 b) { return __hmul(a, b); }
+#endif
+#if DTF_ARITH_BF16
+__device__ __forceinline__ __nv_bfloat16 mul(__nv_bfloat16 a, __nv_bfloat16 b) { return __hmul(a, b); }
 __device__ __forceinline__ __nv_bfloat16 add(__nv_bfloat16 a, __nv_bfloat16 b) { return __hadd(a, b); }
-{% endif %}
+#endif
 
 // One dot-product step: operands are in the compute dtype, their product is formed exactly (as
 // tensor cores and fmaf do) and added to the accumulator with one rounding to the accumulate dtype.
