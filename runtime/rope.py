@@ -4,7 +4,7 @@ Every RoPE op (the GPU kernels and the reference backend alike) reads one table,
 the pair (j, j + head_dim/2), and turns it by ``pos * inv_freq[j]``. Scaling therefore lives here,
 once, as data: the model spec's ``rope`` section says which config keys hold it and which types
 run; this module holds the formulas, written as transformers writes them
-(``modeling_rope_utils``), evaluated in float64 and rounded once to float32.
+(``modeling_rope_utils``), in float32 step by step as transformers evaluates them.
 
 The config spells the same thing several ways: transformers 4 writes ``rope_theta`` at the top and
 ``rope_scaling: {rope_type | type, factor, ...}`` (or null); transformers 5 writes
@@ -51,26 +51,33 @@ def scaling(rope: Mapping, config: Mapping, where: str) -> tuple[str, dict]:
 
 
 def inv_freq(rope: Mapping, config: Mapping, env: Mapping, n_pairs: int, where: str) -> np.ndarray:
-    """float32[n_pairs]: the inverse frequency of each rotary pair, scaled as the config says."""
+    """float32[n_pairs]: the inverse frequency of each rotary pair, scaled as the config says.
+
+    Each step is the float32 operation transformers performs, in its order (numpy's float32 arithmetic
+    with Python scalars rounds as torch's does), so the table is transformers' bit for bit; only the
+    power is taken in float64 and rounded once, the best estimate of a float32 pow."""
     theta = float(env[rope["theta"]])
     if not math.isfinite(theta) or theta <= 1.0:
         raise ConfigError(f"{where}: rope_theta is {theta!r}; RoPE needs a base greater than 1")
     kind, p = scaling(rope, config, where)
     dim = 2 * n_pairs
-    base = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    base = np.float32(1.0) / np.power(np.float64(np.float32(theta)), exponent.astype(np.float64)).astype(np.float32)
     if kind == "default":
-        out = base
-    elif kind == "linear":
-        out = base / p["factor"]
-    elif kind == "llama3":
-        old = p["original_max_position_embeddings"]
-        lo, hi, factor = p["low_freq_factor"], p["high_freq_factor"], p["factor"]
+        return base
+    if kind == "linear":
+        return base / np.float32(p["factor"])
+    if kind == "llama3":
+        old, lo, hi, factor = (np.float32(p[k]) for k in ("original_max_position_embeddings", "low_freq_factor",
+                                                          "high_freq_factor", "factor"))
         if hi <= lo:
             raise ConfigError(f"{where}: llama3 RoPE needs high_freq_factor ({hi}) > low_freq_factor ({lo})")
-        wavelen = 2 * math.pi / base
+        low_wavelen, high_wavelen = old / lo, old / hi
+        wavelen = np.float32(2 * math.pi) / base
+        scaled = np.where(wavelen > low_wavelen, base / factor, base)
         smooth = (old / wavelen - lo) / (hi - lo)
-        medium = (1 - smooth) * base / factor + smooth * base
-        out = np.where(wavelen < old / hi, base, np.where(wavelen > old / lo, base / factor, medium))
-    else:   # the spec validated the type against ROPE_TYPES; a new one needs its formula here
-        raise ConfigError(f"{where}: RoPE type {kind} has no formula in this runtime")
-    return out.astype(np.float32)
+        smoothed = (np.float32(1) - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    # the spec validated the type against ROPE_TYPES; a new one needs its formula here
+    raise ConfigError(f"{where}: RoPE type {kind} has no formula in this runtime")

@@ -224,3 +224,13 @@ def test_layer_count_disagreeing_with_checkpoint_is_refused(target, tmp_path):
     shutil.copy(CONFIGS / "llama3" / "model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(LoadError, match="num_hidden_layers"):
         pack_weights(target, tmp_path, max_seq=64, progress=False)
+
+
+@pytest.mark.parametrize("case", ACCEPTED)
+def test_rope_table_is_transformers_bit_for_bit(case, target):
+    """The per-pair inverse frequencies the loader computes equal the ones transformers computed for the
+    same config (recorded by the golden script), default, linear and llama3 alike."""
+    golden = json.loads((CONFIGS / case / "golden.json").read_text())
+    packed = pack_weights(target, CONFIGS / case, max_seq=16, progress=False)
+    want = np.array(golden["inv_freq"]["transformers"], dtype=np.float32)
+    assert np.array_equal(packed.arrays["rope_freq"], want), (packed.arrays["rope_freq"], want)

@@ -88,9 +88,11 @@ def bits(a):
 def test_packs_every_entry_exactly(tiny, tiny_sources, policy, layout):
     t = target(policy, layout)
     packed = pack_weights(t, tiny, progress=False)
-    env = packed.env     # RoPE's table is computed, not read: Llama's unscaled inverse frequencies, in float64
+    env = packed.env     # RoPE's table is computed, not read (its bits are transformers', test_config_goldens.py)
     hd = env["head_dim"]
-    sources_of = {**tiny_sources, "rope_inv_freq": (env["rope_theta"] ** -(np.arange(0, hd, 2) / hd)).astype(np.float32)}
+    table = (env["rope_theta"] ** -(np.arange(0, hd, 2) / hd)).astype(np.float32)
+    assert np.allclose(packed.arrays["rope_freq"], table, rtol=3e-7, atol=0)
+    sources_of = {**tiny_sources, "rope_inv_freq": packed.arrays["rope_freq"]}
     expected_names = set()
     for entry in t.packing["weights"]:
         for i, name, sources in concrete(entry, packed.env):
@@ -452,7 +454,7 @@ def test_theta_is_read_from_transformers_5_rope_parameters(model):
     hd = packed.env["head_dim"]
     assert packed.env["rope_theta"] == 500000.0
     want = (500000.0 ** -(np.arange(0, hd, 2) / hd)).astype(np.float32)
-    assert np.array_equal(packed.arrays["rope_freq"], want)
+    assert np.allclose(packed.arrays["rope_freq"], want, rtol=3e-7, atol=0)
 
 
 def test_linear_scaling_divides_every_frequency(model, tiny):
