@@ -21,6 +21,14 @@ PREFETCH = "prefetch"
 INDEX_KINDS = ("index_in", "index_out", "index_inout")
 
 
+# The C declaration of a parameter of each kind ({t}: the ctype of the dtype bound to it): every
+# kernel signature is rendered from these and the family's parameter list, in one place.
+C_DECL = {"in": "const {t}* __restrict__ {n}", "out": "{t}* __restrict__ {n}", "inout": "{t}* __restrict__ {n}",
+          "index_in": "const int* __restrict__ {n}", "index_out": "int* __restrict__ {n}",
+          "index_inout": "int* __restrict__ {n}", "int": "int {n}", "float": "float {n}",
+          WORKSPACE: "unsigned char* __restrict__ {n}", PREFETCH: "const void* __restrict__ {n}"}
+
+
 @dataclass(frozen=True)
 class Param:
     name: str

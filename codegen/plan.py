@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from . import expr
 from .dtypes import DTYPES, DType
-from .kernels import FAMILIES, INDEX_KINDS, PREFETCH, PTR_KINDS, WORKSPACE, KernelFamily, field_short
+from .kernels import C_DECL, FAMILIES, INDEX_KINDS, PREFETCH, PTR_KINDS, WORKSPACE, KernelFamily, field_short
 from .specs import Device, ModelSpec, Policy, Specs, check_runs_on
 from .yamlsrc import SpecError
 
@@ -69,6 +69,19 @@ class KernelInstance:
 
     def param_names(self) -> list[str]:
         return [p.name for p in self.params()]
+
+    def signature(self, width: int = 110) -> str:
+        """The C parameter list every entry point and the body share, from ``params()`` and the dtypes
+        bound to them (kernels.C_DECL), wrapped at ``width`` columns."""
+        decls = [C_DECL[p.kind].format(t=DTYPES[self.dtypes[p.name]].ctype if p.name in self.dtypes else "", n=p.name)
+                 for p in self.params()]
+        lines = [""]
+        for d in decls:
+            if lines[-1] and len(lines[-1]) + len(d) + 2 > width:
+                lines[-1] += ","
+                lines.append("    ")
+            lines[-1] += (", " if lines[-1].strip() else "") + d
+        return "\n".join(lines)
 
 
 @dataclass
