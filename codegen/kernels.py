@@ -33,7 +33,7 @@ C_DECL = {"in": "const {t}* __restrict__ {n}", "out": "{t}* __restrict__ {n}", "
 class Param:
     name: str
     kind: str
-    short: str = ""           # letter used in the instance name (pointer params only)
+    short: str = ""           # its letter(s) in the instance name (pointer params only): OPERAND_LETTERS
     scale_of: str | None = None  # present only when the weight bound to `scale_of` is quantized
     kib_of: str | None = None    # bound by the Plan: whole KiB of the weight bound to this PREFETCH param
 
@@ -82,6 +82,13 @@ class KernelFamily:
         return tuple(f"{slot}.{f}" if slot else f for slot, fields in self.slots.items() for f in fields)
 
 
+# One name grammar for every family: each operand letter means one thing everywhere (docs/architecture.md
+# has the table), and none is a field or slot letter, so a name reads without knowing its family.
+OPERAND_LETTERS = {"t": "embedding table", "w": "weight", "s": "per-output-channel scale of the weight",
+                   "g": "RMSNorm gain (gamma)", "f": "RoPE inverse frequencies", "x": "input vector",
+                   "u": "second input vector (SwiGLU's up)", "y": "output vector", "h": "hidden state updated in place",
+                   "d": "delta added to the hidden state", "q": "query", "k": "new key", "v": "new value",
+                   "kc": "key cache", "vc": "value cache", "l": "logits"}
 # Role fields are spelled in instance names as slot letter + field letter: c, a, o, nc, rc, ...
 SLOT_SHORT = {"": "", "norm": "n", "rope": "r", "act": "e"}
 FIELD_SHORT = {"compute": "c", "accumulate": "a", "output": "o"}
@@ -105,7 +112,7 @@ _NORM = {"norm": ("compute", "accumulate", "output")}
 
 FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
     KernelFamily("embedding_gather",
-                 (Param("table", "in", "t"), Param("token", "index_in"), Param("out", "out", "o"), Param("hidden", "int")),
+                 (Param("table", "in", "t"), Param("token", "index_in"), Param("out", "out", "y"), Param("hidden", "int")),
                  {}, "cdiv(hidden, 256)", "256"),
     KernelFamily("rmsnorm",
                  _NORM_IN + (Param("y", "out", "y"), Param("n", "int"), Param("eps", "float")),
@@ -118,13 +125,13 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                   Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("inv_freq", "in", "f")),
                  {"": ("compute",)}, "n_heads + n_kv_heads", "head_dim // 2"),
     KernelFamily("kv_append",
-                 (Param("k", "in", "k"), Param("v", "in", "v"), Param("k_cache", "out", "c"), Param("v_cache", "out", "d"),
+                 (Param("k", "in", "k"), Param("v", "in", "v"), Param("k_cache", "out", "kc"), Param("v_cache", "out", "vc"),
                   Param("pos", "index_in"), Param("kv_dim", "int")),
                  {}, "cdiv(kv_dim, 256)", "256"),
     # split-KV: one block per (head, ATTN_SPLIT positions), merged by the last; while it runs, the
     # memory system is idle but for the o-proj's early loads, so it prefetches the next big weight to L2
     KernelFamily("attention",
-                 (Param("q", "in", "q"), Param("k_cache", "in", "k"), Param("v_cache", "in", "v"), Param("out", "out", "o"),
+                 (Param("q", "in", "q"), Param("k_cache", "in", "kc"), Param("v_cache", "in", "vc"), Param("out", "out", "y"),
                   Param("pos", "index_in"), Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"),
                   Param("max_seq", "int"), Param("work", WORKSPACE), Param("prefetch", PREFETCH),
                   Param("prefetch_kib", "int", kib_of="prefetch")),
@@ -134,10 +141,10 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  # a context that fits one split: one block per head, without the split bookkeeping
                  variants=(Variant("one_split", (("max_seq", ATTN_SPLIT),), "n_heads"),)),
     KernelFamily("silu_mul",
-                 (Param("gate", "in", "g"), Param("up", "in", "u"), Param("y", "out", "y"), Param("n", "int")),
+                 (Param("gate", "in", "x"), Param("up", "in", "u"), Param("y", "out", "y"), Param("n", "int")),
                  {"": ("compute",)}, "cdiv(n, 256)", "256"),
     KernelFamily("residual_add",
-                 (Param("x", "inout", "x"), Param("d", "in", "d"), Param("n", "int")),
+                 (Param("x", "inout", "h"), Param("d", "in", "d"), Param("n", "int")),
                  {"": ("compute",)}, "cdiv(n, 256)", "256"),
     KernelFamily("argmax",
                  (Param("logits", "in", "l"), Param("token", "index_out"), Param("n", "int")),
@@ -147,14 +154,14 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  {}, "1", "1"),
     # ---- fused kernels: each is the composition of the ops above with the same rounding points
     KernelFamily("norm_qkv_rope_kv",      # rmsnorm -> q/k/v GEMV -> RoPE -> q out, k/v into the caches at pos
-                 _NORM_IN + _GEMV + (Param("q", "out", "q"), Param("k_cache", "out", "k"), Param("v_cache", "out", "v"),
+                 _NORM_IN + _GEMV + (Param("q", "out", "q"), Param("k_cache", "out", "kc"), Param("v_cache", "out", "vc"),
                                      Param("pos", "index_in"), Param("cols", "int"), Param("n_heads", "int"),
                                      Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("eps", "float"),
                                      Param("inv_freq", "in", "f")),
                  {**_NORM, "": _MAIN + ("output",), "rope": ("compute",)},
                  f"cdiv((n_heads + 2 * n_kv_heads) * (head_dim // 2), {WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
     KernelFamily("gemv_residual",         # x += W a  (GEMV, then the residual add in the epilogue)
-                 _GEMV + (Param("a", "in", "i"), Param("x", "inout", "x"), Param("rows", "int"), Param("cols", "int")),
+                 _GEMV + (Param("a", "in", "x"), Param("x", "inout", "h"), Param("rows", "int"), Param("cols", "int")),
                  {"": _MAIN + ("output",), "act": ("compute",)}, f"cdiv(rows, {WARPS})", f"{32 * WARPS}", "cols", grid_stride=True),
     KernelFamily("norm_gemv_swiglu",      # rmsnorm -> gate/up GEMV (fused rows) -> SiLU(gate) * up
                  _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("rows", "int"), Param("cols", "int"), Param("eps", "float")),

@@ -119,7 +119,7 @@ def test_attention_launches_its_one_split_entry_point_exactly_when_the_context_f
         p = pack_weights(t, tiny, max_seq=max_seq, progress=False)
         env = {**p.env, "max_seq": max_seq}
         att = [l for l in bind(t.manifest, env, buffer_table(t.manifest, env, p.arrays)) if l.template == "attention"]
-        assert att and all(l.kernel == f"attention_qf16_kf16_vf16_of16_cf32_af32{suffix}" for l in att), max_seq
+        assert att and all(l.kernel == f"attention_qf16_kcf16_vcf16_yf16_cf32_af32{suffix}" for l in att), max_seq
         assert all(l.grid[0] == env["n_heads"] * blocks_per_head for l in att), max_seq
     ref = load_target(find_target("reference", "f16", "fused"))
     assert not any("variants" in l for l in ref.manifest["decode_step"])

@@ -273,3 +273,14 @@ def test_int8_weights_widen_exactly_through_f16_pairs():
                 halves += list((h - bias_f16).astype(np.float32))
             got.append(halves[pos])
         np.testing.assert_array_equal(np.array(got, np.float32), q.astype(np.float32))
+
+
+def test_one_name_grammar_for_every_kernel_family():
+    """Each operand letter is listed once with one meaning, no family uses a letter twice, and no operand
+    letter is also a role field or stage letter, so `gemv_..._cf16` cannot be read as an operand c."""
+    from dtypeforge.codegen.kernels import FAMILIES, FIELD_SHORT, OPERAND_LETTERS, SLOT_SHORT
+    for fam in FAMILIES.values():
+        shorts = [p.short for p in fam.params if p.short]
+        assert len(shorts) == len(set(shorts)) and set(shorts) <= set(OPERAND_LETTERS), fam.template
+    stage_or_field = set(SLOT_SHORT.values()) | set(FIELD_SHORT.values()) | {a + b for a in SLOT_SHORT.values() for b in FIELD_SHORT.values()}
+    assert not set(OPERAND_LETTERS) & stage_or_field

@@ -313,7 +313,7 @@ def test_user_spec_folder_with_a_new_policy(specs_dir, capsys, tmp_path):
     out = tmp_path / "gen"
     assert main(["build", "--specs", str(specs_dir), "--out", str(out), "--device", "h100", "--policy", "kv-f16"]) == 0
     cu = (out / "h100.kv-f16.separate" / "kernels.cu").read_text()
-    assert "kv_append_kf32_vf32_cf16_df16" in cu and "attention_qf32_kf16_vf16_of32_cf32_af32" in cu
+    assert "kv_append_kf32_vf32_kcf16_vcf16" in cu and "attention_qf32_kcf16_vcf16_yf32_cf32_af32" in cu
 
 
 def test_fused_kernel_needs_its_stage_roles(specs_dir, capsys):

@@ -80,12 +80,12 @@ extern "C" __global__ void argmax_lf32__argmax(const float* __restrict__ logits,
 }
 #endif
 
-// attention_qbf16_kbf16_vbf16_obf16_cf32_af32: single-query decode attention over positions 0..pos of one layer's KV cache
+// attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32: single-query decode attention over positions 0..pos of one layer's KV cache
 // (bf16), grouped-query heads (dtf::AttnHead). q, k, v and softmax weights rounded to
 // f32, exact products summed in f32, softmax in f32; output bf16.
 // Past the wait, the head's split-0 block asks the L2 for its share of `prefetch` (the next big GEMV's
 // weight, tuning.l2_prefetch_kib of it): the memory system is otherwise idle until that GEMV starts.
-static __device__ __forceinline__ void attention_qbf16_kbf16_vbf16_obf16_cf32_af32_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+static __device__ __forceinline__ void attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ out, const int* __restrict__ pos,
     int n_heads, int n_kv_heads, int head_dim, int max_seq, unsigned char* __restrict__ work,
     const void* __restrict__ prefetch, int prefetch_kib) {
@@ -101,25 +101,25 @@ static __device__ __forceinline__ void attention_qbf16_kbf16_vbf16_obf16_cf32_af
   head.run(work, [&](int d, float v) { o[d] = dtf::from_f32<__nv_bfloat16>(v); });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kbf16_vbf16_obf16_cf32_af32(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ out, const int* __restrict__ pos,
     int n_heads, int n_kv_heads, int head_dim, int max_seq, unsigned char* __restrict__ work,
     const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qbf16_kbf16_vbf16_obf16_cf32_af32_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
+  attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
 }
 #else
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kbf16_vbf16_obf16_cf32_af32__attention(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32__attention(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ out, const int* __restrict__ pos,
     int n_heads, int n_kv_heads, int head_dim, int max_seq, unsigned char* __restrict__ work,
     const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qbf16_kbf16_vbf16_obf16_cf32_af32_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_n_heads, DTF_SHAPE_attention_n_kv_heads, DTF_SHAPE_attention_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_prefetch_kib);
+  attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_n_heads, DTF_SHAPE_attention_n_kv_heads, DTF_SHAPE_attention_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_prefetch_kib);
 }
 #endif
 
 
-// attention_qbf16_kbf16_vbf16_obf16_cf32_af32_one_split: the same where max_seq <= DTF_ATTN_SPLIT (the runtime launches it instead, one
+// attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_one_split: the same where max_seq <= DTF_ATTN_SPLIT (the runtime launches it instead, one
 // block per head; manifest.json's "variants"), compiled apart from the split path (dtf::attn_one_block).
-static __device__ __forceinline__ void attention_qbf16_kbf16_vbf16_obf16_cf32_af32_one_split_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+static __device__ __forceinline__ void attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_one_split_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ out, const int* __restrict__ pos,
     int n_heads, int n_kv_heads, int head_dim, int max_seq, unsigned char* __restrict__ work,
     const void* __restrict__ prefetch, int prefetch_kib) {
@@ -132,23 +132,23 @@ static __device__ __forceinline__ void attention_qbf16_kbf16_vbf16_obf16_cf32_af
       [&](int d, float v) { o[d] = dtf::from_f32<__nv_bfloat16>(v); });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kbf16_vbf16_obf16_cf32_af32_one_split(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_one_split(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ out, const int* __restrict__ pos,
     int n_heads, int n_kv_heads, int head_dim, int max_seq, unsigned char* __restrict__ work,
     const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qbf16_kbf16_vbf16_obf16_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
+  attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
 }
 #else
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kbf16_vbf16_obf16_cf32_af32_one_split__attention(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_one_split__attention(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ out, const int* __restrict__ pos,
     int n_heads, int n_kv_heads, int head_dim, int max_seq, unsigned char* __restrict__ work,
     const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qbf16_kbf16_vbf16_obf16_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_n_heads, DTF_SHAPE_attention_n_kv_heads, DTF_SHAPE_attention_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_prefetch_kib);
+  attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_n_heads, DTF_SHAPE_attention_n_kv_heads, DTF_SHAPE_attention_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_prefetch_kib);
 }
 #endif
 
-// embedding_gather_tbf16_obf16: out[i] = table[token, i], converted bf16 -> bf16.
-static __device__ __forceinline__ void embedding_gather_tbf16_obf16_body(const __nv_bfloat16* __restrict__ table, const int* __restrict__ token, __nv_bfloat16* __restrict__ out,
+// embedding_gather_tbf16_ybf16: out[i] = table[token, i], converted bf16 -> bf16.
+static __device__ __forceinline__ void embedding_gather_tbf16_ybf16_body(const __nv_bfloat16* __restrict__ table, const int* __restrict__ token, __nv_bfloat16* __restrict__ out,
     int hidden) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
@@ -156,14 +156,14 @@ static __device__ __forceinline__ void embedding_gather_tbf16_obf16_body(const _
   if (i < hidden) out[i] = dtf::cvt<__nv_bfloat16>(table[(size_t)token[0] * hidden + i]);
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void embedding_gather_tbf16_obf16(const __nv_bfloat16* __restrict__ table, const int* __restrict__ token, __nv_bfloat16* __restrict__ out,
+extern "C" __global__ void embedding_gather_tbf16_ybf16(const __nv_bfloat16* __restrict__ table, const int* __restrict__ token, __nv_bfloat16* __restrict__ out,
     int hidden) {
-  embedding_gather_tbf16_obf16_body(table, token, out, hidden);
+  embedding_gather_tbf16_ybf16_body(table, token, out, hidden);
 }
 #else
-extern "C" __global__ void embedding_gather_tbf16_obf16__embed(const __nv_bfloat16* __restrict__ table, const int* __restrict__ token, __nv_bfloat16* __restrict__ out,
+extern "C" __global__ void embedding_gather_tbf16_ybf16__embed(const __nv_bfloat16* __restrict__ table, const int* __restrict__ token, __nv_bfloat16* __restrict__ out,
     int hidden) {
-  embedding_gather_tbf16_obf16_body(table, token, out, DTF_SHAPE_embed_hidden);
+  embedding_gather_tbf16_ybf16_body(table, token, out, DTF_SHAPE_embed_hidden);
 }
 #endif
 
@@ -253,9 +253,9 @@ extern "C" __global__ void gemv_wbf16_xbf16_yf32_cbf16_af32__lm_head(const __nv_
 }
 #endif
 
-// kv_append_kbf16_vbf16_cbf16_dbf16: store this step's k (bf16) and v (bf16) at row pos of the
+// kv_append_kbf16_vbf16_kcbf16_vcbf16: store this step's k (bf16) and v (bf16) at row pos of the
 // layer's caches (bf16, [max_seq, kv_dim]).
-static __device__ __forceinline__ void kv_append_kbf16_vbf16_cbf16_dbf16_body(const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ k_cache,
+static __device__ __forceinline__ void kv_append_kbf16_vbf16_kcbf16_vcbf16_body(const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ k_cache,
     __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ pos, int kv_dim) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
@@ -266,19 +266,19 @@ static __device__ __forceinline__ void kv_append_kbf16_vbf16_cbf16_dbf16_body(co
   v_cache[at] = dtf::cvt<__nv_bfloat16>(v[i]);
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void kv_append_kbf16_vbf16_cbf16_dbf16(const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ k_cache,
+extern "C" __global__ void kv_append_kbf16_vbf16_kcbf16_vcbf16(const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ k_cache,
     __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ pos, int kv_dim) {
-  kv_append_kbf16_vbf16_cbf16_dbf16_body(k, v, k_cache, v_cache, pos, kv_dim);
+  kv_append_kbf16_vbf16_kcbf16_vcbf16_body(k, v, k_cache, v_cache, pos, kv_dim);
 }
 #else
-extern "C" __global__ void kv_append_kbf16_vbf16_cbf16_dbf16__kv_append(const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ k_cache,
+extern "C" __global__ void kv_append_kbf16_vbf16_kcbf16_vcbf16__kv_append(const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ k_cache,
     __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ pos, int kv_dim) {
-  kv_append_kbf16_vbf16_cbf16_dbf16_body(k, v, k_cache, v_cache, pos, DTF_SHAPE_kv_append_kv_dim);
+  kv_append_kbf16_vbf16_kcbf16_vcbf16_body(k, v, k_cache, v_cache, pos, DTF_SHAPE_kv_append_kv_dim);
 }
 #endif
 
-// residual_add_xbf16_dbf16_cf32: x += d (x bf16, d bf16), added in f32.
-static __device__ __forceinline__ void residual_add_xbf16_dbf16_cf32_body(__nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ d, int n) {
+// residual_add_hbf16_dbf16_cf32: x += d (x bf16, d bf16), added in f32.
+static __device__ __forceinline__ void residual_add_hbf16_dbf16_cf32_body(__nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ d, int n) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
   typedef float C;
@@ -286,15 +286,15 @@ static __device__ __forceinline__ void residual_add_xbf16_dbf16_cf32_body(__nv_b
   if (i < n) x[i] = dtf::cvt<__nv_bfloat16>(dtf::add(dtf::cvt<C>(x[i]), dtf::cvt<C>(d[i])));
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void residual_add_xbf16_dbf16_cf32(__nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ d, int n) {
-  residual_add_xbf16_dbf16_cf32_body(x, d, n);
+extern "C" __global__ void residual_add_hbf16_dbf16_cf32(__nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ d, int n) {
+  residual_add_hbf16_dbf16_cf32_body(x, d, n);
 }
 #else
-extern "C" __global__ void residual_add_xbf16_dbf16_cf32__attn_residual(__nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ d, int n) {
-  residual_add_xbf16_dbf16_cf32_body(x, d, DTF_SHAPE_attn_residual_n);
+extern "C" __global__ void residual_add_hbf16_dbf16_cf32__attn_residual(__nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ d, int n) {
+  residual_add_hbf16_dbf16_cf32_body(x, d, DTF_SHAPE_attn_residual_n);
 }
-extern "C" __global__ void residual_add_xbf16_dbf16_cf32__ffn_residual(__nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ d, int n) {
-  residual_add_xbf16_dbf16_cf32_body(x, d, DTF_SHAPE_ffn_residual_n);
+extern "C" __global__ void residual_add_hbf16_dbf16_cf32__ffn_residual(__nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ d, int n) {
+  residual_add_hbf16_dbf16_cf32_body(x, d, DTF_SHAPE_ffn_residual_n);
 }
 #endif
 
@@ -368,8 +368,8 @@ extern "C" __global__ void rope_qbf16_kbf16_ff32_cf32__rope(__nv_bfloat16* __res
 }
 #endif
 
-// silu_mul_gbf16_ubf16_ybf16_cf32: y = silu(gate) * up, in f32 (silu's exp in f32).
-static __device__ __forceinline__ void silu_mul_gbf16_ubf16_ybf16_cf32_body(const __nv_bfloat16* __restrict__ gate, const __nv_bfloat16* __restrict__ up, __nv_bfloat16* __restrict__ y,
+// silu_mul_xbf16_ubf16_ybf16_cf32: y = silu(gate) * up, in f32 (silu's exp in f32).
+static __device__ __forceinline__ void silu_mul_xbf16_ubf16_ybf16_cf32_body(const __nv_bfloat16* __restrict__ gate, const __nv_bfloat16* __restrict__ up, __nv_bfloat16* __restrict__ y,
     int n) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
@@ -381,14 +381,14 @@ static __device__ __forceinline__ void silu_mul_gbf16_ubf16_ybf16_cf32_body(cons
   y[i] = dtf::cvt<__nv_bfloat16>(dtf::mul(s, dtf::cvt<C>(up[i])));
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void silu_mul_gbf16_ubf16_ybf16_cf32(const __nv_bfloat16* __restrict__ gate, const __nv_bfloat16* __restrict__ up, __nv_bfloat16* __restrict__ y,
+extern "C" __global__ void silu_mul_xbf16_ubf16_ybf16_cf32(const __nv_bfloat16* __restrict__ gate, const __nv_bfloat16* __restrict__ up, __nv_bfloat16* __restrict__ y,
     int n) {
-  silu_mul_gbf16_ubf16_ybf16_cf32_body(gate, up, y, n);
+  silu_mul_xbf16_ubf16_ybf16_cf32_body(gate, up, y, n);
 }
 #else
-extern "C" __global__ void silu_mul_gbf16_ubf16_ybf16_cf32__silu_mul(const __nv_bfloat16* __restrict__ gate, const __nv_bfloat16* __restrict__ up, __nv_bfloat16* __restrict__ y,
+extern "C" __global__ void silu_mul_xbf16_ubf16_ybf16_cf32__silu_mul(const __nv_bfloat16* __restrict__ gate, const __nv_bfloat16* __restrict__ up, __nv_bfloat16* __restrict__ y,
     int n) {
-  silu_mul_gbf16_ubf16_ybf16_cf32_body(gate, up, y, DTF_SHAPE_silu_mul_n);
+  silu_mul_xbf16_ubf16_ybf16_cf32_body(gate, up, y, DTF_SHAPE_silu_mul_n);
 }
 #endif
 

@@ -22,12 +22,12 @@
 #include "dtf/attention.cuh"
 // The dynamic shared memory the kernels stage their input vectors in (its size is the launch's `smem`).
 extern __shared__ __align__(16) unsigned char dtf_smem[];
-// attention_qbf16_kbf16_vbf16_obf16_cf32_af32: single-query decode attention over positions 0..pos of one layer's KV cache
+// attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32: single-query decode attention over positions 0..pos of one layer's KV cache
 // (bf16), grouped-query heads (dtf::AttnHead). q, k, v and softmax weights rounded to
 // f32, exact products summed in f32, softmax in f32; output bf16.
 // Past the wait, the head's split-0 block asks the L2 for its share of `prefetch` (the next big GEMV's
 // weight, tuning.l2_prefetch_kib of it): the memory system is otherwise idle until that GEMV starts.
-static __device__ __forceinline__ void attention_qbf16_kbf16_vbf16_obf16_cf32_af32_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+static __device__ __forceinline__ void attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ out, const int* __restrict__ pos,
     int n_heads, int n_kv_heads, int head_dim, int max_seq, unsigned char* __restrict__ work,
     const void* __restrict__ prefetch, int prefetch_kib) {
@@ -43,25 +43,25 @@ static __device__ __forceinline__ void attention_qbf16_kbf16_vbf16_obf16_cf32_af
   head.run(work, [&](int d, float v) { o[d] = dtf::from_f32<__nv_bfloat16>(v); });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kbf16_vbf16_obf16_cf32_af32(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ out, const int* __restrict__ pos,
     int n_heads, int n_kv_heads, int head_dim, int max_seq, unsigned char* __restrict__ work,
     const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qbf16_kbf16_vbf16_obf16_cf32_af32_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
+  attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
 }
 #else
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kbf16_vbf16_obf16_cf32_af32__attention_fused(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32__attention_fused(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ out, const int* __restrict__ pos,
     int n_heads, int n_kv_heads, int head_dim, int max_seq, unsigned char* __restrict__ work,
     const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qbf16_kbf16_vbf16_obf16_cf32_af32_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_fused_n_heads, DTF_SHAPE_attention_fused_n_kv_heads, DTF_SHAPE_attention_fused_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_fused_prefetch_kib);
+  attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_fused_n_heads, DTF_SHAPE_attention_fused_n_kv_heads, DTF_SHAPE_attention_fused_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_fused_prefetch_kib);
 }
 #endif
 
 
-// attention_qbf16_kbf16_vbf16_obf16_cf32_af32_one_split: the same where max_seq <= DTF_ATTN_SPLIT (the runtime launches it instead, one
+// attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_one_split: the same where max_seq <= DTF_ATTN_SPLIT (the runtime launches it instead, one
 // block per head; manifest.json's "variants"), compiled apart from the split path (dtf::attn_one_block).
-static __device__ __forceinline__ void attention_qbf16_kbf16_vbf16_obf16_cf32_af32_one_split_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+static __device__ __forceinline__ void attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_one_split_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ out, const int* __restrict__ pos,
     int n_heads, int n_kv_heads, int head_dim, int max_seq, unsigned char* __restrict__ work,
     const void* __restrict__ prefetch, int prefetch_kib) {
@@ -74,23 +74,23 @@ static __device__ __forceinline__ void attention_qbf16_kbf16_vbf16_obf16_cf32_af
       [&](int d, float v) { o[d] = dtf::from_f32<__nv_bfloat16>(v); });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kbf16_vbf16_obf16_cf32_af32_one_split(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_one_split(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ out, const int* __restrict__ pos,
     int n_heads, int n_kv_heads, int head_dim, int max_seq, unsigned char* __restrict__ work,
     const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qbf16_kbf16_vbf16_obf16_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
+  attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
 }
 #else
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kbf16_vbf16_obf16_cf32_af32_one_split__attention_fused(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_one_split__attention_fused(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, __nv_bfloat16* __restrict__ out, const int* __restrict__ pos,
     int n_heads, int n_kv_heads, int head_dim, int max_seq, unsigned char* __restrict__ work,
     const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qbf16_kbf16_vbf16_obf16_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_fused_n_heads, DTF_SHAPE_attention_fused_n_kv_heads, DTF_SHAPE_attention_fused_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_fused_prefetch_kib);
+  attention_qbf16_kcbf16_vcbf16_ybf16_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_fused_n_heads, DTF_SHAPE_attention_fused_n_kv_heads, DTF_SHAPE_attention_fused_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_fused_prefetch_kib);
 }
 #endif
 
-// embedding_gather_tbf16_obf16: out[i] = table[token, i], converted bf16 -> bf16.
-static __device__ __forceinline__ void embedding_gather_tbf16_obf16_body(const __nv_bfloat16* __restrict__ table, const int* __restrict__ token, __nv_bfloat16* __restrict__ out,
+// embedding_gather_tbf16_ybf16: out[i] = table[token, i], converted bf16 -> bf16.
+static __device__ __forceinline__ void embedding_gather_tbf16_ybf16_body(const __nv_bfloat16* __restrict__ table, const int* __restrict__ token, __nv_bfloat16* __restrict__ out,
     int hidden) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
@@ -98,20 +98,20 @@ static __device__ __forceinline__ void embedding_gather_tbf16_obf16_body(const _
   if (i < hidden) out[i] = dtf::cvt<__nv_bfloat16>(table[(size_t)token[0] * hidden + i]);
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void embedding_gather_tbf16_obf16(const __nv_bfloat16* __restrict__ table, const int* __restrict__ token, __nv_bfloat16* __restrict__ out,
+extern "C" __global__ void embedding_gather_tbf16_ybf16(const __nv_bfloat16* __restrict__ table, const int* __restrict__ token, __nv_bfloat16* __restrict__ out,
     int hidden) {
-  embedding_gather_tbf16_obf16_body(table, token, out, hidden);
+  embedding_gather_tbf16_ybf16_body(table, token, out, hidden);
 }
 #else
-extern "C" __global__ void embedding_gather_tbf16_obf16__embed(const __nv_bfloat16* __restrict__ table, const int* __restrict__ token, __nv_bfloat16* __restrict__ out,
+extern "C" __global__ void embedding_gather_tbf16_ybf16__embed(const __nv_bfloat16* __restrict__ table, const int* __restrict__ token, __nv_bfloat16* __restrict__ out,
     int hidden) {
-  embedding_gather_tbf16_obf16_body(table, token, out, DTF_SHAPE_embed_hidden);
+  embedding_gather_tbf16_ybf16_body(table, token, out, DTF_SHAPE_embed_hidden);
 }
 #endif
 
-// gemv_residual_wbf16_ibf16_xbf16_cbf16_af32_obf16_ecf32_early: x += W a. The GEMV (bf16 weights, bf16 operands, f32 sums) rounds its result to bf16, as a GEMV into a buffer would, then the
+// gemv_residual_wbf16_xbf16_hbf16_cbf16_af32_obf16_ecf32_early: x += W a. The GEMV (bf16 weights, bf16 operands, f32 sums) rounds its result to bf16, as a GEMV into a buffer would, then the
 // residual add runs in f32 and stores x as bf16: the composition of gemv and residual_add.
-static __device__ __forceinline__ void gemv_residual_wbf16_ibf16_xbf16_cbf16_af32_obf16_ecf32_early_body(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ a, __nv_bfloat16* __restrict__ x,
+static __device__ __forceinline__ void gemv_residual_wbf16_xbf16_hbf16_cbf16_af32_obf16_ecf32_early_body(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ a, __nv_bfloat16* __restrict__ x,
     int rows, int cols) {
   DTF_KERNEL_START(1);
   typedef __nv_bfloat16 C;
@@ -136,18 +136,18 @@ static __device__ __forceinline__ void gemv_residual_wbf16_ibf16_xbf16_cbf16_af3
   });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void gemv_residual_wbf16_ibf16_xbf16_cbf16_af32_obf16_ecf32_early(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ a, __nv_bfloat16* __restrict__ x,
+extern "C" __global__ void gemv_residual_wbf16_xbf16_hbf16_cbf16_af32_obf16_ecf32_early(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ a, __nv_bfloat16* __restrict__ x,
     int rows, int cols) {
-  gemv_residual_wbf16_ibf16_xbf16_cbf16_af32_obf16_ecf32_early_body(w, a, x, rows, cols);
+  gemv_residual_wbf16_xbf16_hbf16_cbf16_af32_obf16_ecf32_early_body(w, a, x, rows, cols);
 }
 #else
-extern "C" __global__ void gemv_residual_wbf16_ibf16_xbf16_cbf16_af32_obf16_ecf32_early__o_proj_residual(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ a, __nv_bfloat16* __restrict__ x,
+extern "C" __global__ void gemv_residual_wbf16_xbf16_hbf16_cbf16_af32_obf16_ecf32_early__o_proj_residual(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ a, __nv_bfloat16* __restrict__ x,
     int rows, int cols) {
-  gemv_residual_wbf16_ibf16_xbf16_cbf16_af32_obf16_ecf32_early_body(w, a, x, DTF_SHAPE_o_proj_residual_rows, DTF_SHAPE_o_proj_residual_cols);
+  gemv_residual_wbf16_xbf16_hbf16_cbf16_af32_obf16_ecf32_early_body(w, a, x, DTF_SHAPE_o_proj_residual_rows, DTF_SHAPE_o_proj_residual_cols);
 }
-extern "C" __global__ void gemv_residual_wbf16_ibf16_xbf16_cbf16_af32_obf16_ecf32_early__down_proj_residual(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ a, __nv_bfloat16* __restrict__ x,
+extern "C" __global__ void gemv_residual_wbf16_xbf16_hbf16_cbf16_af32_obf16_ecf32_early__down_proj_residual(const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ a, __nv_bfloat16* __restrict__ x,
     int rows, int cols) {
-  gemv_residual_wbf16_ibf16_xbf16_cbf16_af32_obf16_ecf32_early_body(w, a, x, DTF_SHAPE_down_proj_residual_rows, DTF_SHAPE_down_proj_residual_cols);
+  gemv_residual_wbf16_xbf16_hbf16_cbf16_af32_obf16_ecf32_early_body(w, a, x, DTF_SHAPE_down_proj_residual_rows, DTF_SHAPE_down_proj_residual_cols);
 }
 #endif
 
@@ -244,12 +244,12 @@ extern "C" __global__ void norm_gemv_swiglu_xbf16_gbf16_wbf16_ybf16_ncf32_naf32_
 }
 #endif
 
-// norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_kbf16_vbf16_ff32_ncf32_naf32_nobf16_cbf16_af32_obf16_rcf32: the attention block's prologue in one launch: RMSNorm of x (rounded to bf16, staged in
+// norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_kcbf16_vcbf16_ff32_ncf32_naf32_nobf16_cbf16_af32_obf16_rcf32: the attention block's prologue in one launch: RMSNorm of x (rounded to bf16, staged in
 // shared memory), the fused q/k/v GEMV (bf16 weights, bf16 operands, f32 sums, rounded to
 // bf16), RoPE (rotate-half by pos * inv_freq[j], f32 math), then q -> q (bf16) and k, v -> row pos of the
 // layer's caches (bf16): the composition of rmsnorm, gemv, rope and kv_append with their rounding points.
 // Each warp computes one rotary pair of rows (j, j + head_dim/2) of one head at a time, grid-stride over pairs.
-static __device__ __forceinline__ void norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_kbf16_vbf16_ff32_ncf32_naf32_nobf16_cbf16_af32_obf16_rcf32_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ gamma,
+static __device__ __forceinline__ void norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_kcbf16_vcbf16_ff32_ncf32_naf32_nobf16_cbf16_af32_obf16_rcf32_body(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ gamma,
     const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ k_cache,
     __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ pos, int cols, int n_heads, int n_kv_heads,
     int head_dim, float eps, const float* __restrict__ inv_freq) {
@@ -310,18 +310,18 @@ static __device__ __forceinline__ void norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_
   });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_kbf16_vbf16_ff32_ncf32_naf32_nobf16_cbf16_af32_obf16_rcf32(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ gamma,
+extern "C" __global__ void norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_kcbf16_vcbf16_ff32_ncf32_naf32_nobf16_cbf16_af32_obf16_rcf32(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ gamma,
     const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ k_cache,
     __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ pos, int cols, int n_heads, int n_kv_heads,
     int head_dim, float eps, const float* __restrict__ inv_freq) {
-  norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_kbf16_vbf16_ff32_ncf32_naf32_nobf16_cbf16_af32_obf16_rcf32_body(x, gamma, w, q, k_cache, v_cache, pos, cols, n_heads, n_kv_heads, head_dim, eps, inv_freq);
+  norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_kcbf16_vcbf16_ff32_ncf32_naf32_nobf16_cbf16_af32_obf16_rcf32_body(x, gamma, w, q, k_cache, v_cache, pos, cols, n_heads, n_kv_heads, head_dim, eps, inv_freq);
 }
 #else
-extern "C" __global__ void norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_kbf16_vbf16_ff32_ncf32_naf32_nobf16_cbf16_af32_obf16_rcf32__attn_norm_qkv_rope_kv(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ gamma,
+extern "C" __global__ void norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_kcbf16_vcbf16_ff32_ncf32_naf32_nobf16_cbf16_af32_obf16_rcf32__attn_norm_qkv_rope_kv(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ gamma,
     const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ k_cache,
     __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ pos, int cols, int n_heads, int n_kv_heads,
     int head_dim, float eps, const float* __restrict__ inv_freq) {
-  norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_kbf16_vbf16_ff32_ncf32_naf32_nobf16_cbf16_af32_obf16_rcf32_body(x, gamma, w, q, k_cache, v_cache, pos, DTF_SHAPE_attn_norm_qkv_rope_kv_cols, DTF_SHAPE_attn_norm_qkv_rope_kv_n_heads, DTF_SHAPE_attn_norm_qkv_rope_kv_n_kv_heads, DTF_SHAPE_attn_norm_qkv_rope_kv_head_dim, eps, inv_freq);
+  norm_qkv_rope_kv_xbf16_gbf16_wbf16_qbf16_kcbf16_vcbf16_ff32_ncf32_naf32_nobf16_cbf16_af32_obf16_rcf32_body(x, gamma, w, q, k_cache, v_cache, pos, DTF_SHAPE_attn_norm_qkv_rope_kv_cols, DTF_SHAPE_attn_norm_qkv_rope_kv_n_heads, DTF_SHAPE_attn_norm_qkv_rope_kv_n_kv_heads, DTF_SHAPE_attn_norm_qkv_rope_kv_head_dim, eps, inv_freq);
 }
 #endif
 

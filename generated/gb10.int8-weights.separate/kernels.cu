@@ -80,12 +80,12 @@ extern "C" __global__ void argmax_lf32__argmax(const float* __restrict__ logits,
 }
 #endif
 
-// attention_qf16_kf16_vf16_of16_cf32_af32: single-query decode attention over positions 0..pos of one layer's KV cache
+// attention_qf16_kcf16_vcf16_yf16_cf32_af32: single-query decode attention over positions 0..pos of one layer's KV cache
 // (f16), grouped-query heads (dtf::AttnHead). q, k, v and softmax weights rounded to
 // f32, exact products summed in f32, softmax in f32; output f16.
 // Past the wait, the head's split-0 block asks the L2 for its share of `prefetch` (the next big GEMV's
 // weight, tuning.l2_prefetch_kib of it): the memory system is otherwise idle until that GEMV starts.
-static __device__ __forceinline__ void attention_qf16_kf16_vf16_of16_cf32_af32_body(const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+static __device__ __forceinline__ void attention_qf16_kcf16_vcf16_yf16_cf32_af32_body(const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     __half* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
   DTF_KERNEL_START(0);
@@ -100,23 +100,23 @@ static __device__ __forceinline__ void attention_qf16_kf16_vf16_of16_cf32_af32_b
   head.run(work, [&](int d, float v) { o[d] = dtf::from_f32<__half>(v); });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf16_kf16_vf16_of16_cf32_af32(const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf16_kcf16_vcf16_yf16_cf32_af32(const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     __half* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qf16_kf16_vf16_of16_cf32_af32_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
+  attention_qf16_kcf16_vcf16_yf16_cf32_af32_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
 }
 #else
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf16_kf16_vf16_of16_cf32_af32__attention(const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf16_kcf16_vcf16_yf16_cf32_af32__attention(const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     __half* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qf16_kf16_vf16_of16_cf32_af32_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_n_heads, DTF_SHAPE_attention_n_kv_heads, DTF_SHAPE_attention_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_prefetch_kib);
+  attention_qf16_kcf16_vcf16_yf16_cf32_af32_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_n_heads, DTF_SHAPE_attention_n_kv_heads, DTF_SHAPE_attention_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_prefetch_kib);
 }
 #endif
 
 
-// attention_qf16_kf16_vf16_of16_cf32_af32_one_split: the same where max_seq <= DTF_ATTN_SPLIT (the runtime launches it instead, one
+// attention_qf16_kcf16_vcf16_yf16_cf32_af32_one_split: the same where max_seq <= DTF_ATTN_SPLIT (the runtime launches it instead, one
 // block per head; manifest.json's "variants"), compiled apart from the split path (dtf::attn_one_block).
-static __device__ __forceinline__ void attention_qf16_kf16_vf16_of16_cf32_af32_one_split_body(const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+static __device__ __forceinline__ void attention_qf16_kcf16_vcf16_yf16_cf32_af32_one_split_body(const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     __half* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
   DTF_KERNEL_START(0);
@@ -128,33 +128,33 @@ static __device__ __forceinline__ void attention_qf16_kf16_vf16_of16_cf32_af32_o
       [&](int d, float v) { o[d] = dtf::from_f32<__half>(v); });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf16_kf16_vf16_of16_cf32_af32_one_split(const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf16_kcf16_vcf16_yf16_cf32_af32_one_split(const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     __half* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qf16_kf16_vf16_of16_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
+  attention_qf16_kcf16_vcf16_yf16_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
 }
 #else
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf16_kf16_vf16_of16_cf32_af32_one_split__attention(const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf16_kcf16_vcf16_yf16_cf32_af32_one_split__attention(const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     __half* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qf16_kf16_vf16_of16_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_n_heads, DTF_SHAPE_attention_n_kv_heads, DTF_SHAPE_attention_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_prefetch_kib);
+  attention_qf16_kcf16_vcf16_yf16_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_n_heads, DTF_SHAPE_attention_n_kv_heads, DTF_SHAPE_attention_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_prefetch_kib);
 }
 #endif
 
-// embedding_gather_tf16_of16: out[i] = table[token, i], converted f16 -> f16.
-static __device__ __forceinline__ void embedding_gather_tf16_of16_body(const __half* __restrict__ table, const int* __restrict__ token, __half* __restrict__ out, int hidden) {
+// embedding_gather_tf16_yf16: out[i] = table[token, i], converted f16 -> f16.
+static __device__ __forceinline__ void embedding_gather_tf16_yf16_body(const __half* __restrict__ table, const int* __restrict__ token, __half* __restrict__ out, int hidden) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < hidden) out[i] = dtf::cvt<__half>(table[(size_t)token[0] * hidden + i]);
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void embedding_gather_tf16_of16(const __half* __restrict__ table, const int* __restrict__ token, __half* __restrict__ out, int hidden) {
-  embedding_gather_tf16_of16_body(table, token, out, hidden);
+extern "C" __global__ void embedding_gather_tf16_yf16(const __half* __restrict__ table, const int* __restrict__ token, __half* __restrict__ out, int hidden) {
+  embedding_gather_tf16_yf16_body(table, token, out, hidden);
 }
 #else
-extern "C" __global__ void embedding_gather_tf16_of16__embed(const __half* __restrict__ table, const int* __restrict__ token, __half* __restrict__ out, int hidden) {
-  embedding_gather_tf16_of16_body(table, token, out, DTF_SHAPE_embed_hidden);
+extern "C" __global__ void embedding_gather_tf16_yf16__embed(const __half* __restrict__ table, const int* __restrict__ token, __half* __restrict__ out, int hidden) {
+  embedding_gather_tf16_yf16_body(table, token, out, DTF_SHAPE_embed_hidden);
 }
 #endif
 
@@ -241,9 +241,9 @@ extern "C" __global__ void gemv_wint8_sf32_xf16_yf16_cf16_af32__down_proj(const 
 }
 #endif
 
-// kv_append_kf16_vf16_cf16_df16: store this step's k (f16) and v (f16) at row pos of the
+// kv_append_kf16_vf16_kcf16_vcf16: store this step's k (f16) and v (f16) at row pos of the
 // layer's caches (f16, [max_seq, kv_dim]).
-static __device__ __forceinline__ void kv_append_kf16_vf16_cf16_df16_body(const __half* __restrict__ k, const __half* __restrict__ v, __half* __restrict__ k_cache,
+static __device__ __forceinline__ void kv_append_kf16_vf16_kcf16_vcf16_body(const __half* __restrict__ k, const __half* __restrict__ v, __half* __restrict__ k_cache,
     __half* __restrict__ v_cache, const int* __restrict__ pos, int kv_dim) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
@@ -254,19 +254,19 @@ static __device__ __forceinline__ void kv_append_kf16_vf16_cf16_df16_body(const 
   v_cache[at] = dtf::cvt<__half>(v[i]);
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void kv_append_kf16_vf16_cf16_df16(const __half* __restrict__ k, const __half* __restrict__ v, __half* __restrict__ k_cache,
+extern "C" __global__ void kv_append_kf16_vf16_kcf16_vcf16(const __half* __restrict__ k, const __half* __restrict__ v, __half* __restrict__ k_cache,
     __half* __restrict__ v_cache, const int* __restrict__ pos, int kv_dim) {
-  kv_append_kf16_vf16_cf16_df16_body(k, v, k_cache, v_cache, pos, kv_dim);
+  kv_append_kf16_vf16_kcf16_vcf16_body(k, v, k_cache, v_cache, pos, kv_dim);
 }
 #else
-extern "C" __global__ void kv_append_kf16_vf16_cf16_df16__kv_append(const __half* __restrict__ k, const __half* __restrict__ v, __half* __restrict__ k_cache,
+extern "C" __global__ void kv_append_kf16_vf16_kcf16_vcf16__kv_append(const __half* __restrict__ k, const __half* __restrict__ v, __half* __restrict__ k_cache,
     __half* __restrict__ v_cache, const int* __restrict__ pos, int kv_dim) {
-  kv_append_kf16_vf16_cf16_df16_body(k, v, k_cache, v_cache, pos, DTF_SHAPE_kv_append_kv_dim);
+  kv_append_kf16_vf16_kcf16_vcf16_body(k, v, k_cache, v_cache, pos, DTF_SHAPE_kv_append_kv_dim);
 }
 #endif
 
-// residual_add_xf16_df16_cf32: x += d (x f16, d f16), added in f32.
-static __device__ __forceinline__ void residual_add_xf16_df16_cf32_body(__half* __restrict__ x, const __half* __restrict__ d, int n) {
+// residual_add_hf16_df16_cf32: x += d (x f16, d f16), added in f32.
+static __device__ __forceinline__ void residual_add_hf16_df16_cf32_body(__half* __restrict__ x, const __half* __restrict__ d, int n) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
   typedef float C;
@@ -274,15 +274,15 @@ static __device__ __forceinline__ void residual_add_xf16_df16_cf32_body(__half* 
   if (i < n) x[i] = dtf::cvt<__half>(dtf::add(dtf::cvt<C>(x[i]), dtf::cvt<C>(d[i])));
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void residual_add_xf16_df16_cf32(__half* __restrict__ x, const __half* __restrict__ d, int n) {
-  residual_add_xf16_df16_cf32_body(x, d, n);
+extern "C" __global__ void residual_add_hf16_df16_cf32(__half* __restrict__ x, const __half* __restrict__ d, int n) {
+  residual_add_hf16_df16_cf32_body(x, d, n);
 }
 #else
-extern "C" __global__ void residual_add_xf16_df16_cf32__attn_residual(__half* __restrict__ x, const __half* __restrict__ d, int n) {
-  residual_add_xf16_df16_cf32_body(x, d, DTF_SHAPE_attn_residual_n);
+extern "C" __global__ void residual_add_hf16_df16_cf32__attn_residual(__half* __restrict__ x, const __half* __restrict__ d, int n) {
+  residual_add_hf16_df16_cf32_body(x, d, DTF_SHAPE_attn_residual_n);
 }
-extern "C" __global__ void residual_add_xf16_df16_cf32__ffn_residual(__half* __restrict__ x, const __half* __restrict__ d, int n) {
-  residual_add_xf16_df16_cf32_body(x, d, DTF_SHAPE_ffn_residual_n);
+extern "C" __global__ void residual_add_hf16_df16_cf32__ffn_residual(__half* __restrict__ x, const __half* __restrict__ d, int n) {
+  residual_add_hf16_df16_cf32_body(x, d, DTF_SHAPE_ffn_residual_n);
 }
 #endif
 
@@ -351,8 +351,8 @@ extern "C" __global__ void rope_qf16_kf16_ff32_cf32__rope(__half* __restrict__ q
 }
 #endif
 
-// silu_mul_gf16_uf16_yf16_cf32: y = silu(gate) * up, in f32 (silu's exp in f32).
-static __device__ __forceinline__ void silu_mul_gf16_uf16_yf16_cf32_body(const __half* __restrict__ gate, const __half* __restrict__ up, __half* __restrict__ y, int n) {
+// silu_mul_xf16_uf16_yf16_cf32: y = silu(gate) * up, in f32 (silu's exp in f32).
+static __device__ __forceinline__ void silu_mul_xf16_uf16_yf16_cf32_body(const __half* __restrict__ gate, const __half* __restrict__ up, __half* __restrict__ y, int n) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
   typedef float C;
@@ -363,12 +363,12 @@ static __device__ __forceinline__ void silu_mul_gf16_uf16_yf16_cf32_body(const _
   y[i] = dtf::cvt<__half>(dtf::mul(s, dtf::cvt<C>(up[i])));
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void silu_mul_gf16_uf16_yf16_cf32(const __half* __restrict__ gate, const __half* __restrict__ up, __half* __restrict__ y, int n) {
-  silu_mul_gf16_uf16_yf16_cf32_body(gate, up, y, n);
+extern "C" __global__ void silu_mul_xf16_uf16_yf16_cf32(const __half* __restrict__ gate, const __half* __restrict__ up, __half* __restrict__ y, int n) {
+  silu_mul_xf16_uf16_yf16_cf32_body(gate, up, y, n);
 }
 #else
-extern "C" __global__ void silu_mul_gf16_uf16_yf16_cf32__silu_mul(const __half* __restrict__ gate, const __half* __restrict__ up, __half* __restrict__ y, int n) {
-  silu_mul_gf16_uf16_yf16_cf32_body(gate, up, y, DTF_SHAPE_silu_mul_n);
+extern "C" __global__ void silu_mul_xf16_uf16_yf16_cf32__silu_mul(const __half* __restrict__ gate, const __half* __restrict__ up, __half* __restrict__ y, int n) {
+  silu_mul_xf16_uf16_yf16_cf32_body(gate, up, y, DTF_SHAPE_silu_mul_n);
 }
 #endif
 

@@ -80,12 +80,12 @@ extern "C" __global__ void argmax_lf32__argmax(const float* __restrict__ logits,
 }
 #endif
 
-// attention_qf32_kf32_vf32_of32_cf32_af32: single-query decode attention over positions 0..pos of one layer's KV cache
+// attention_qf32_kcf32_vcf32_yf32_cf32_af32: single-query decode attention over positions 0..pos of one layer's KV cache
 // (f32), grouped-query heads (dtf::AttnHead). q, k, v and softmax weights rounded to
 // f32, exact products summed in f32, softmax in f32; output f32.
 // Past the wait, the head's split-0 block asks the L2 for its share of `prefetch` (the next big GEMV's
 // weight, tuning.l2_prefetch_kib of it): the memory system is otherwise idle until that GEMV starts.
-static __device__ __forceinline__ void attention_qf32_kf32_vf32_of32_cf32_af32_body(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
+static __device__ __forceinline__ void attention_qf32_kcf32_vcf32_yf32_cf32_af32_body(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
     float* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
   DTF_KERNEL_START(0);
@@ -100,23 +100,23 @@ static __device__ __forceinline__ void attention_qf32_kf32_vf32_of32_cf32_af32_b
   head.run(work, [&](int d, float v) { o[d] = dtf::from_f32<float>(v); });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kf32_vf32_of32_cf32_af32(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kcf32_vcf32_yf32_cf32_af32(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
     float* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qf32_kf32_vf32_of32_cf32_af32_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
+  attention_qf32_kcf32_vcf32_yf32_cf32_af32_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
 }
 #else
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kf32_vf32_of32_cf32_af32__attention(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kcf32_vcf32_yf32_cf32_af32__attention(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
     float* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qf32_kf32_vf32_of32_cf32_af32_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_n_heads, DTF_SHAPE_attention_n_kv_heads, DTF_SHAPE_attention_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_prefetch_kib);
+  attention_qf32_kcf32_vcf32_yf32_cf32_af32_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_n_heads, DTF_SHAPE_attention_n_kv_heads, DTF_SHAPE_attention_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_prefetch_kib);
 }
 #endif
 
 
-// attention_qf32_kf32_vf32_of32_cf32_af32_one_split: the same where max_seq <= DTF_ATTN_SPLIT (the runtime launches it instead, one
+// attention_qf32_kcf32_vcf32_yf32_cf32_af32_one_split: the same where max_seq <= DTF_ATTN_SPLIT (the runtime launches it instead, one
 // block per head; manifest.json's "variants"), compiled apart from the split path (dtf::attn_one_block).
-static __device__ __forceinline__ void attention_qf32_kf32_vf32_of32_cf32_af32_one_split_body(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
+static __device__ __forceinline__ void attention_qf32_kcf32_vcf32_yf32_cf32_af32_one_split_body(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
     float* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
   DTF_KERNEL_START(0);
@@ -128,33 +128,33 @@ static __device__ __forceinline__ void attention_qf32_kf32_vf32_of32_cf32_af32_o
       [&](int d, float v) { o[d] = dtf::from_f32<float>(v); });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kf32_vf32_of32_cf32_af32_one_split(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kcf32_vcf32_yf32_cf32_af32_one_split(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
     float* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qf32_kf32_vf32_of32_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
+  attention_qf32_kcf32_vcf32_yf32_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
 }
 #else
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kf32_vf32_of32_cf32_af32_one_split__attention(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kcf32_vcf32_yf32_cf32_af32_one_split__attention(const float* __restrict__ q, const float* __restrict__ k_cache, const float* __restrict__ v_cache,
     float* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qf32_kf32_vf32_of32_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_n_heads, DTF_SHAPE_attention_n_kv_heads, DTF_SHAPE_attention_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_prefetch_kib);
+  attention_qf32_kcf32_vcf32_yf32_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_n_heads, DTF_SHAPE_attention_n_kv_heads, DTF_SHAPE_attention_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_prefetch_kib);
 }
 #endif
 
-// embedding_gather_tf32_of32: out[i] = table[token, i], converted f32 -> f32.
-static __device__ __forceinline__ void embedding_gather_tf32_of32_body(const float* __restrict__ table, const int* __restrict__ token, float* __restrict__ out, int hidden) {
+// embedding_gather_tf32_yf32: out[i] = table[token, i], converted f32 -> f32.
+static __device__ __forceinline__ void embedding_gather_tf32_yf32_body(const float* __restrict__ table, const int* __restrict__ token, float* __restrict__ out, int hidden) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < hidden) out[i] = dtf::cvt<float>(table[(size_t)token[0] * hidden + i]);
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void embedding_gather_tf32_of32(const float* __restrict__ table, const int* __restrict__ token, float* __restrict__ out, int hidden) {
-  embedding_gather_tf32_of32_body(table, token, out, hidden);
+extern "C" __global__ void embedding_gather_tf32_yf32(const float* __restrict__ table, const int* __restrict__ token, float* __restrict__ out, int hidden) {
+  embedding_gather_tf32_yf32_body(table, token, out, hidden);
 }
 #else
-extern "C" __global__ void embedding_gather_tf32_of32__embed(const float* __restrict__ table, const int* __restrict__ token, float* __restrict__ out, int hidden) {
-  embedding_gather_tf32_of32_body(table, token, out, DTF_SHAPE_embed_hidden);
+extern "C" __global__ void embedding_gather_tf32_yf32__embed(const float* __restrict__ table, const int* __restrict__ token, float* __restrict__ out, int hidden) {
+  embedding_gather_tf32_yf32_body(table, token, out, DTF_SHAPE_embed_hidden);
 }
 #endif
 
@@ -232,9 +232,9 @@ extern "C" __global__ void gemv_wf32_xf32_yf32_cf32_af32__lm_head(const float* _
 }
 #endif
 
-// kv_append_kf32_vf32_cf32_df32: store this step's k (f32) and v (f32) at row pos of the
+// kv_append_kf32_vf32_kcf32_vcf32: store this step's k (f32) and v (f32) at row pos of the
 // layer's caches (f32, [max_seq, kv_dim]).
-static __device__ __forceinline__ void kv_append_kf32_vf32_cf32_df32_body(const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ k_cache,
+static __device__ __forceinline__ void kv_append_kf32_vf32_kcf32_vcf32_body(const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ k_cache,
     float* __restrict__ v_cache, const int* __restrict__ pos, int kv_dim) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
@@ -245,19 +245,19 @@ static __device__ __forceinline__ void kv_append_kf32_vf32_cf32_df32_body(const 
   v_cache[at] = dtf::cvt<float>(v[i]);
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void kv_append_kf32_vf32_cf32_df32(const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ k_cache,
+extern "C" __global__ void kv_append_kf32_vf32_kcf32_vcf32(const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ k_cache,
     float* __restrict__ v_cache, const int* __restrict__ pos, int kv_dim) {
-  kv_append_kf32_vf32_cf32_df32_body(k, v, k_cache, v_cache, pos, kv_dim);
+  kv_append_kf32_vf32_kcf32_vcf32_body(k, v, k_cache, v_cache, pos, kv_dim);
 }
 #else
-extern "C" __global__ void kv_append_kf32_vf32_cf32_df32__kv_append(const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ k_cache,
+extern "C" __global__ void kv_append_kf32_vf32_kcf32_vcf32__kv_append(const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ k_cache,
     float* __restrict__ v_cache, const int* __restrict__ pos, int kv_dim) {
-  kv_append_kf32_vf32_cf32_df32_body(k, v, k_cache, v_cache, pos, DTF_SHAPE_kv_append_kv_dim);
+  kv_append_kf32_vf32_kcf32_vcf32_body(k, v, k_cache, v_cache, pos, DTF_SHAPE_kv_append_kv_dim);
 }
 #endif
 
-// residual_add_xf32_df32_cf32: x += d (x f32, d f32), added in f32.
-static __device__ __forceinline__ void residual_add_xf32_df32_cf32_body(float* __restrict__ x, const float* __restrict__ d, int n) {
+// residual_add_hf32_df32_cf32: x += d (x f32, d f32), added in f32.
+static __device__ __forceinline__ void residual_add_hf32_df32_cf32_body(float* __restrict__ x, const float* __restrict__ d, int n) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
   typedef float C;
@@ -265,15 +265,15 @@ static __device__ __forceinline__ void residual_add_xf32_df32_cf32_body(float* _
   if (i < n) x[i] = dtf::cvt<float>(dtf::add(dtf::cvt<C>(x[i]), dtf::cvt<C>(d[i])));
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void residual_add_xf32_df32_cf32(float* __restrict__ x, const float* __restrict__ d, int n) {
-  residual_add_xf32_df32_cf32_body(x, d, n);
+extern "C" __global__ void residual_add_hf32_df32_cf32(float* __restrict__ x, const float* __restrict__ d, int n) {
+  residual_add_hf32_df32_cf32_body(x, d, n);
 }
 #else
-extern "C" __global__ void residual_add_xf32_df32_cf32__attn_residual(float* __restrict__ x, const float* __restrict__ d, int n) {
-  residual_add_xf32_df32_cf32_body(x, d, DTF_SHAPE_attn_residual_n);
+extern "C" __global__ void residual_add_hf32_df32_cf32__attn_residual(float* __restrict__ x, const float* __restrict__ d, int n) {
+  residual_add_hf32_df32_cf32_body(x, d, DTF_SHAPE_attn_residual_n);
 }
-extern "C" __global__ void residual_add_xf32_df32_cf32__ffn_residual(float* __restrict__ x, const float* __restrict__ d, int n) {
-  residual_add_xf32_df32_cf32_body(x, d, DTF_SHAPE_ffn_residual_n);
+extern "C" __global__ void residual_add_hf32_df32_cf32__ffn_residual(float* __restrict__ x, const float* __restrict__ d, int n) {
+  residual_add_hf32_df32_cf32_body(x, d, DTF_SHAPE_ffn_residual_n);
 }
 #endif
 
@@ -342,8 +342,8 @@ extern "C" __global__ void rope_qf32_kf32_ff32_cf32__rope(float* __restrict__ q,
 }
 #endif
 
-// silu_mul_gf32_uf32_yf32_cf32: y = silu(gate) * up, in f32 (silu's exp in f32).
-static __device__ __forceinline__ void silu_mul_gf32_uf32_yf32_cf32_body(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ y, int n) {
+// silu_mul_xf32_uf32_yf32_cf32: y = silu(gate) * up, in f32 (silu's exp in f32).
+static __device__ __forceinline__ void silu_mul_xf32_uf32_yf32_cf32_body(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ y, int n) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
   typedef float C;
@@ -354,12 +354,12 @@ static __device__ __forceinline__ void silu_mul_gf32_uf32_yf32_cf32_body(const f
   y[i] = dtf::cvt<float>(dtf::mul(s, dtf::cvt<C>(up[i])));
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void silu_mul_gf32_uf32_yf32_cf32(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ y, int n) {
-  silu_mul_gf32_uf32_yf32_cf32_body(gate, up, y, n);
+extern "C" __global__ void silu_mul_xf32_uf32_yf32_cf32(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ y, int n) {
+  silu_mul_xf32_uf32_yf32_cf32_body(gate, up, y, n);
 }
 #else
-extern "C" __global__ void silu_mul_gf32_uf32_yf32_cf32__silu_mul(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ y, int n) {
-  silu_mul_gf32_uf32_yf32_cf32_body(gate, up, y, DTF_SHAPE_silu_mul_n);
+extern "C" __global__ void silu_mul_xf32_uf32_yf32_cf32__silu_mul(const float* __restrict__ gate, const float* __restrict__ up, float* __restrict__ y, int n) {
+  silu_mul_xf32_uf32_yf32_cf32_body(gate, up, y, DTF_SHAPE_silu_mul_n);
 }
 #endif
 

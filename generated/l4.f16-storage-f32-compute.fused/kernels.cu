@@ -22,12 +22,12 @@
 #include "dtf/attention.cuh"
 // The dynamic shared memory the kernels stage their input vectors in (its size is the launch's `smem`).
 extern __shared__ __align__(16) unsigned char dtf_smem[];
-// attention_qf32_kf16_vf16_of32_cf32_af32: single-query decode attention over positions 0..pos of one layer's KV cache
+// attention_qf32_kcf16_vcf16_yf32_cf32_af32: single-query decode attention over positions 0..pos of one layer's KV cache
 // (f16), grouped-query heads (dtf::AttnHead). q, k, v and softmax weights rounded to
 // f32, exact products summed in f32, softmax in f32; output f32.
 // Past the wait, the head's split-0 block asks the L2 for its share of `prefetch` (the next big GEMV's
 // weight, tuning.l2_prefetch_kib of it): the memory system is otherwise idle until that GEMV starts.
-static __device__ __forceinline__ void attention_qf32_kf16_vf16_of32_cf32_af32_body(const float* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+static __device__ __forceinline__ void attention_qf32_kcf16_vcf16_yf32_cf32_af32_body(const float* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     float* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
   DTF_KERNEL_START(0);
@@ -42,23 +42,23 @@ static __device__ __forceinline__ void attention_qf32_kf16_vf16_of32_cf32_af32_b
   head.run(work, [&](int d, float v) { o[d] = dtf::from_f32<float>(v); });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kf16_vf16_of32_cf32_af32(const float* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kcf16_vcf16_yf32_cf32_af32(const float* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     float* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qf32_kf16_vf16_of32_cf32_af32_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
+  attention_qf32_kcf16_vcf16_yf32_cf32_af32_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
 }
 #else
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kf16_vf16_of32_cf32_af32__attention_fused(const float* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kcf16_vcf16_yf32_cf32_af32__attention_fused(const float* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     float* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qf32_kf16_vf16_of32_cf32_af32_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_fused_n_heads, DTF_SHAPE_attention_fused_n_kv_heads, DTF_SHAPE_attention_fused_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_fused_prefetch_kib);
+  attention_qf32_kcf16_vcf16_yf32_cf32_af32_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_fused_n_heads, DTF_SHAPE_attention_fused_n_kv_heads, DTF_SHAPE_attention_fused_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_fused_prefetch_kib);
 }
 #endif
 
 
-// attention_qf32_kf16_vf16_of32_cf32_af32_one_split: the same where max_seq <= DTF_ATTN_SPLIT (the runtime launches it instead, one
+// attention_qf32_kcf16_vcf16_yf32_cf32_af32_one_split: the same where max_seq <= DTF_ATTN_SPLIT (the runtime launches it instead, one
 // block per head; manifest.json's "variants"), compiled apart from the split path (dtf::attn_one_block).
-static __device__ __forceinline__ void attention_qf32_kf16_vf16_of32_cf32_af32_one_split_body(const float* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+static __device__ __forceinline__ void attention_qf32_kcf16_vcf16_yf32_cf32_af32_one_split_body(const float* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     float* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
   DTF_KERNEL_START(0);
@@ -70,39 +70,39 @@ static __device__ __forceinline__ void attention_qf32_kf16_vf16_of32_cf32_af32_o
       [&](int d, float v) { o[d] = dtf::from_f32<float>(v); });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kf16_vf16_of32_cf32_af32_one_split(const float* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kcf16_vcf16_yf32_cf32_af32_one_split(const float* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     float* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qf32_kf16_vf16_of32_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
+  attention_qf32_kcf16_vcf16_yf32_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, n_heads, n_kv_heads, head_dim, max_seq, work, prefetch, prefetch_kib);
 }
 #else
-extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kf16_vf16_of32_cf32_af32_one_split__attention_fused(const float* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+extern "C" __global__ void __launch_bounds__(DTF_ATTN_THREADS, DTF_ATTN_MIN_BLOCKS) attention_qf32_kcf16_vcf16_yf32_cf32_af32_one_split__attention_fused(const float* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
     float* __restrict__ out, const int* __restrict__ pos, int n_heads, int n_kv_heads, int head_dim,
     int max_seq, unsigned char* __restrict__ work, const void* __restrict__ prefetch, int prefetch_kib) {
-  attention_qf32_kf16_vf16_of32_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_fused_n_heads, DTF_SHAPE_attention_fused_n_kv_heads, DTF_SHAPE_attention_fused_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_fused_prefetch_kib);
+  attention_qf32_kcf16_vcf16_yf32_cf32_af32_one_split_body(q, k_cache, v_cache, out, pos, DTF_SHAPE_attention_fused_n_heads, DTF_SHAPE_attention_fused_n_kv_heads, DTF_SHAPE_attention_fused_head_dim, max_seq, work, prefetch, DTF_SHAPE_attention_fused_prefetch_kib);
 }
 #endif
 
-// embedding_gather_tf16_of32: out[i] = table[token, i], converted f16 -> f32.
-static __device__ __forceinline__ void embedding_gather_tf16_of32_body(const __half* __restrict__ table, const int* __restrict__ token, float* __restrict__ out, int hidden) {
+// embedding_gather_tf16_yf32: out[i] = table[token, i], converted f16 -> f32.
+static __device__ __forceinline__ void embedding_gather_tf16_yf32_body(const __half* __restrict__ table, const int* __restrict__ token, float* __restrict__ out, int hidden) {
   DTF_KERNEL_START(0);
   DTF_WAIT_PRIOR();
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < hidden) out[i] = dtf::cvt<float>(table[(size_t)token[0] * hidden + i]);
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void embedding_gather_tf16_of32(const __half* __restrict__ table, const int* __restrict__ token, float* __restrict__ out, int hidden) {
-  embedding_gather_tf16_of32_body(table, token, out, hidden);
+extern "C" __global__ void embedding_gather_tf16_yf32(const __half* __restrict__ table, const int* __restrict__ token, float* __restrict__ out, int hidden) {
+  embedding_gather_tf16_yf32_body(table, token, out, hidden);
 }
 #else
-extern "C" __global__ void embedding_gather_tf16_of32__embed(const __half* __restrict__ table, const int* __restrict__ token, float* __restrict__ out, int hidden) {
-  embedding_gather_tf16_of32_body(table, token, out, DTF_SHAPE_embed_hidden);
+extern "C" __global__ void embedding_gather_tf16_yf32__embed(const __half* __restrict__ table, const int* __restrict__ token, float* __restrict__ out, int hidden) {
+  embedding_gather_tf16_yf32_body(table, token, out, DTF_SHAPE_embed_hidden);
 }
 #endif
 
-// gemv_residual_wf16_if32_xf32_cf32_af32_of32_ecf32_early: x += W a. The GEMV (f16 weights, f32 operands, f32 sums) rounds its result to f32, as a GEMV into a buffer would, then the
+// gemv_residual_wf16_xf32_hf32_cf32_af32_of32_ecf32_early: x += W a. The GEMV (f16 weights, f32 operands, f32 sums) rounds its result to f32, as a GEMV into a buffer would, then the
 // residual add runs in f32 and stores x as f32: the composition of gemv and residual_add.
-static __device__ __forceinline__ void gemv_residual_wf16_if32_xf32_cf32_af32_of32_ecf32_early_body(const __half* __restrict__ w, const float* __restrict__ a, float* __restrict__ x, int rows, int cols) {
+static __device__ __forceinline__ void gemv_residual_wf16_xf32_hf32_cf32_af32_of32_ecf32_early_body(const __half* __restrict__ w, const float* __restrict__ a, float* __restrict__ x, int rows, int cols) {
   DTF_KERNEL_START(1);
   typedef float C;
   typedef float A;
@@ -126,15 +126,15 @@ static __device__ __forceinline__ void gemv_residual_wf16_if32_xf32_cf32_af32_of
   });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void gemv_residual_wf16_if32_xf32_cf32_af32_of32_ecf32_early(const __half* __restrict__ w, const float* __restrict__ a, float* __restrict__ x, int rows, int cols) {
-  gemv_residual_wf16_if32_xf32_cf32_af32_of32_ecf32_early_body(w, a, x, rows, cols);
+extern "C" __global__ void gemv_residual_wf16_xf32_hf32_cf32_af32_of32_ecf32_early(const __half* __restrict__ w, const float* __restrict__ a, float* __restrict__ x, int rows, int cols) {
+  gemv_residual_wf16_xf32_hf32_cf32_af32_of32_ecf32_early_body(w, a, x, rows, cols);
 }
 #else
-extern "C" __global__ void gemv_residual_wf16_if32_xf32_cf32_af32_of32_ecf32_early__o_proj_residual(const __half* __restrict__ w, const float* __restrict__ a, float* __restrict__ x, int rows, int cols) {
-  gemv_residual_wf16_if32_xf32_cf32_af32_of32_ecf32_early_body(w, a, x, DTF_SHAPE_o_proj_residual_rows, DTF_SHAPE_o_proj_residual_cols);
+extern "C" __global__ void gemv_residual_wf16_xf32_hf32_cf32_af32_of32_ecf32_early__o_proj_residual(const __half* __restrict__ w, const float* __restrict__ a, float* __restrict__ x, int rows, int cols) {
+  gemv_residual_wf16_xf32_hf32_cf32_af32_of32_ecf32_early_body(w, a, x, DTF_SHAPE_o_proj_residual_rows, DTF_SHAPE_o_proj_residual_cols);
 }
-extern "C" __global__ void gemv_residual_wf16_if32_xf32_cf32_af32_of32_ecf32_early__down_proj_residual(const __half* __restrict__ w, const float* __restrict__ a, float* __restrict__ x, int rows, int cols) {
-  gemv_residual_wf16_if32_xf32_cf32_af32_of32_ecf32_early_body(w, a, x, DTF_SHAPE_down_proj_residual_rows, DTF_SHAPE_down_proj_residual_cols);
+extern "C" __global__ void gemv_residual_wf16_xf32_hf32_cf32_af32_of32_ecf32_early__down_proj_residual(const __half* __restrict__ w, const float* __restrict__ a, float* __restrict__ x, int rows, int cols) {
+  gemv_residual_wf16_xf32_hf32_cf32_af32_of32_ecf32_early_body(w, a, x, DTF_SHAPE_down_proj_residual_rows, DTF_SHAPE_down_proj_residual_cols);
 }
 #endif
 
@@ -231,12 +231,12 @@ extern "C" __global__ void norm_gemv_swiglu_xf32_gf16_wf16_yf32_ncf32_naf32_nof3
 }
 #endif
 
-// norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kf16_vf16_ff32_ncf32_naf32_nof32_cf32_af32_of32_rcf32: the attention block's prologue in one launch: RMSNorm of x (rounded to f32, staged in
+// norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kcf16_vcf16_ff32_ncf32_naf32_nof32_cf32_af32_of32_rcf32: the attention block's prologue in one launch: RMSNorm of x (rounded to f32, staged in
 // shared memory), the fused q/k/v GEMV (f16 weights, f32 operands, f32 sums, rounded to
 // f32), RoPE (rotate-half by pos * inv_freq[j], f32 math), then q -> q (f32) and k, v -> row pos of the
 // layer's caches (f16): the composition of rmsnorm, gemv, rope and kv_append with their rounding points.
 // Each warp computes one rotary pair of rows (j, j + head_dim/2) of one head at a time, grid-stride over pairs.
-static __device__ __forceinline__ void norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kf16_vf16_ff32_ncf32_naf32_nof32_cf32_af32_of32_rcf32_body(const float* __restrict__ x, const __half* __restrict__ gamma, const __half* __restrict__ w,
+static __device__ __forceinline__ void norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kcf16_vcf16_ff32_ncf32_naf32_nof32_cf32_af32_of32_rcf32_body(const float* __restrict__ x, const __half* __restrict__ gamma, const __half* __restrict__ w,
     float* __restrict__ q, __half* __restrict__ k_cache, __half* __restrict__ v_cache,
     const int* __restrict__ pos, int cols, int n_heads, int n_kv_heads, int head_dim, float eps,
     const float* __restrict__ inv_freq) {
@@ -297,18 +297,18 @@ static __device__ __forceinline__ void norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kf16
   });
 }
 #ifndef DTF_SHAPED
-extern "C" __global__ void norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kf16_vf16_ff32_ncf32_naf32_nof32_cf32_af32_of32_rcf32(const float* __restrict__ x, const __half* __restrict__ gamma, const __half* __restrict__ w,
+extern "C" __global__ void norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kcf16_vcf16_ff32_ncf32_naf32_nof32_cf32_af32_of32_rcf32(const float* __restrict__ x, const __half* __restrict__ gamma, const __half* __restrict__ w,
     float* __restrict__ q, __half* __restrict__ k_cache, __half* __restrict__ v_cache,
     const int* __restrict__ pos, int cols, int n_heads, int n_kv_heads, int head_dim, float eps,
     const float* __restrict__ inv_freq) {
-  norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kf16_vf16_ff32_ncf32_naf32_nof32_cf32_af32_of32_rcf32_body(x, gamma, w, q, k_cache, v_cache, pos, cols, n_heads, n_kv_heads, head_dim, eps, inv_freq);
+  norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kcf16_vcf16_ff32_ncf32_naf32_nof32_cf32_af32_of32_rcf32_body(x, gamma, w, q, k_cache, v_cache, pos, cols, n_heads, n_kv_heads, head_dim, eps, inv_freq);
 }
 #else
-extern "C" __global__ void norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kf16_vf16_ff32_ncf32_naf32_nof32_cf32_af32_of32_rcf32__attn_norm_qkv_rope_kv(const float* __restrict__ x, const __half* __restrict__ gamma, const __half* __restrict__ w,
+extern "C" __global__ void norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kcf16_vcf16_ff32_ncf32_naf32_nof32_cf32_af32_of32_rcf32__attn_norm_qkv_rope_kv(const float* __restrict__ x, const __half* __restrict__ gamma, const __half* __restrict__ w,
     float* __restrict__ q, __half* __restrict__ k_cache, __half* __restrict__ v_cache,
     const int* __restrict__ pos, int cols, int n_heads, int n_kv_heads, int head_dim, float eps,
     const float* __restrict__ inv_freq) {
-  norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kf16_vf16_ff32_ncf32_naf32_nof32_cf32_af32_of32_rcf32_body(x, gamma, w, q, k_cache, v_cache, pos, DTF_SHAPE_attn_norm_qkv_rope_kv_cols, DTF_SHAPE_attn_norm_qkv_rope_kv_n_heads, DTF_SHAPE_attn_norm_qkv_rope_kv_n_kv_heads, DTF_SHAPE_attn_norm_qkv_rope_kv_head_dim, eps, inv_freq);
+  norm_qkv_rope_kv_xf32_gf16_wf16_qf32_kcf16_vcf16_ff32_ncf32_naf32_nof32_cf32_af32_of32_rcf32_body(x, gamma, w, q, k_cache, v_cache, pos, DTF_SHAPE_attn_norm_qkv_rope_kv_cols, DTF_SHAPE_attn_norm_qkv_rope_kv_n_heads, DTF_SHAPE_attn_norm_qkv_rope_kv_n_kv_heads, DTF_SHAPE_attn_norm_qkv_rope_kv_head_dim, eps, inv_freq);
 }
 #endif
 
