@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .plan import all_targets, resolve
+from .plan import TargetKey, all_targets, resolve
 from .render import render
 from .specs import Specs
 from .yamlsrc import SpecError
@@ -24,22 +24,22 @@ from .yamlsrc import SpecError
 GENERATED = Path(__file__).resolve().parent.parent / "generated"
 
 
-def select_targets(specs: Specs, device: str | None, policy: str | None, layout: str | None) -> list[tuple[str, str, str]]:
-    if device and device not in specs.devices:
-        raise SystemExit(f"unknown device {device!r}; known: {', '.join(sorted(specs.devices))}")
-    if policy and policy not in specs.policies["llama"]:
-        raise SystemExit(f"unknown policy {policy!r}; known: {', '.join(sorted(specs.policies['llama']))}")
+def select_targets(specs: Specs, device: str | None, policy: str | None, layout: str | None,
+                   model: str | None = None) -> list[TargetKey]:
+    """The targets a build means: all of them, or those matching every name given (names already checked)."""
     if device and policy:
-        layouts = [layout] if layout else list(specs.models["llama"].layouts)
-        return [(device, policy, lay) for lay in layouts]
+        model = specs.model_name(model)
+        layouts = [layout] if layout else list(specs.models[model].layouts)
+        return [TargetKey(model, device, policy, lay) for lay in layouts]
     return [t for t in all_targets(specs)
-            if (device is None or t[0] == device) and (policy is None or t[1] == policy) and (layout is None or t[2] == layout)]
+            if (model is None or t.model == model) and (device is None or t.device == device)
+            and (policy is None or t.policy == policy) and (layout is None or t.layout == layout)]
 
 
 def render_targets(specs: Specs, targets) -> dict[str, dict[str, str]]:
     out = {}
-    for dev, pol, lay in targets:
-        plan = resolve(specs, dev, pol, lay)
+    for key in targets:
+        plan = resolve(specs, key.device, key.policy, key.layout, key.model)
         out[plan.target] = render(plan)
     return out
 

@@ -13,17 +13,38 @@ import sys
 from pathlib import Path
 
 from . import build as B
-from .plan import Plan, all_targets, resolve
+from .plan import Plan, TargetKey, all_targets, resolve
 from .specs import DEFAULT_SPECS, UsageError, check_selection, load_specs
 from .yamlsrc import SpecError
 
 
 def _specs(args):
+    """The spec folder, with every name the command was given checked against it. The model spec is the
+    one --model-spec names (or the only one); a command that runs a checkpoint takes the spec that
+    computes its config.json architectures."""
     specs = load_specs(Path(args.specs))
+    if getattr(args, "model", None) and args.fn in (cmd_generate, cmd_bench):
+        from dtypeforge.runtime.session import model_spec_for
+        args.model_spec = model_spec_for(specs, args.model)
+    given = getattr(args, "model_spec", None)
+    if given is None and args.fn in (cmd_build, cmd_list) and len(specs.models) > 1:
+        models = sorted(specs.models)          # a build of every model spec: a name must exist in one of them
+    else:
+        args.model_spec = specs.model_name(given)
+        models = [args.model_spec]
     device = getattr(args, "device", None)
-    check_selection(specs, None if device == "auto" else device, getattr(args, "policy", None), getattr(args, "layout", None))
-    if getattr(args, "diff", None):
-        check_selection(specs, policy=args.diff)
+    device = None if device == "auto" else device
+    for name, value in (("policy", getattr(args, "policy", None)), ("policy", getattr(args, "diff", None)),
+                        ("layout", getattr(args, "layout", None))):
+        errors = []
+        for m in models:
+            try:
+                check_selection(specs, device, **{name: value}, model=m)
+                break
+            except UsageError as e:
+                errors.append(e)
+        else:
+            raise errors[0]
     return specs
 
 
@@ -33,7 +54,7 @@ def _policy(specs, args) -> str:
 
 def cmd_build(args) -> int:
     specs = _specs(args)
-    targets = B.select_targets(specs, args.device, args.policy, args.layout)
+    targets = B.select_targets(specs, args.device, args.policy, args.layout, args.model_spec)
     full = not (args.device or args.policy or args.layout)
     out = Path(args.out)
     B.owned_targets(out)          # an --out holding anything build did not write is refused before rendering
@@ -57,16 +78,18 @@ def cmd_list(args) -> int:
     print("devices:")
     for d in sorted(specs.devices.values(), key=lambda d: d.name):
         print(f"  {d.name:10s} {d.kind:4s} {d.arch or '-':7s} default policy: {d.default_policy}")
-    print("policies:")
-    for p in sorted(specs.policies["llama"].values(), key=lambda p: p.name):
-        base = f" (extends {p.extends})" if p.extends else ""
-        print(f"  {p.name:24s} {p.description}{base}")
-    print("layouts:")
-    for name, doc in specs.models["llama"].layouts.items():
-        print(f"  {name:10s} {doc}")
-    print("targets (device.policy.layout):")
+    for model, m in sorted(specs.models.items()):
+        print(f"model spec {model} ({', '.join(m.architectures)}):")
+        print("  policies:")
+        for p in sorted(specs.policies[model].values(), key=lambda p: p.name):
+            base = f" (extends {p.extends})" if p.extends else ""
+            print(f"    {p.name:24s} {p.description}{base}")
+        print("  layouts:")
+        for name, doc in m.layouts.items():
+            print(f"    {name:10s} {doc}")
+    print("targets (model.device.policy.layout):")
     for t in all_targets(specs):
-        print("  " + ".".join(t))
+        print("  " + t.name)
     return 0
 
 
@@ -81,13 +104,13 @@ def _explain_rows(plan: Plan) -> list[tuple[str, ...]]:
 def cmd_explain(args) -> int:
     specs = _specs(args)
     policy = _policy(specs, args)
-    plan = resolve(specs, args.device, policy, args.layout)
+    plan = resolve(specs, args.device, policy, args.layout, args.model_spec)
     head = ("role", "storage", "compute", "accumulate", "output", "quant/scale")
     rows = _explain_rows(plan)
     dev = plan.device
     print(f"device {dev.name} ({dev.arch or dev.kind}), policy {policy}: {plan.policy.description}")
     if args.diff:
-        other = resolve(specs, args.device, args.diff, args.layout)
+        other = resolve(specs, args.device, args.diff, args.layout, args.model_spec)
         orows = {r[0]: r for r in _explain_rows(other)}
         print(f"differences from policy {args.diff} ({policy} <- {args.diff}):")
         changed = 0
@@ -122,9 +145,9 @@ def cmd_compile(args) -> int:
     dev = specs.devices[args.device]
     if dev.kind != "cuda":
         raise UsageError(f"device {dev.name} is a {dev.kind} device: it has no kernels to compile")
-    plan = resolve(specs, args.device, policy, args.layout)
+    plan = resolve(specs, args.device, policy, args.layout, args.model_spec)
     src = Path(args.out) / plan.target / "kernels.cu"
-    rendered = B.render_targets(specs, [(args.device, policy, args.layout)])
+    rendered = B.render_targets(specs, [TargetKey(args.model_spec, args.device, policy, args.layout)])
     if not src.is_file() or src.read_text() != rendered[plan.target]["kernels.cu"]:
         print(f"error: {src} is missing or stale; run `codegen build` first", file=sys.stderr)
         return 1
@@ -203,8 +226,8 @@ def cmd_bench(args) -> int:
                                  "numpy reference backend (--backend cpu, or no usable GPU); drop it or use --backend cuda")
     device = resolve_device(specs, args.device, backend)
     policy = args.policy or specs.devices[device].default_policy
-    target = target_from_specs(specs, device, policy, args.layout)
-    packed = pack_weights(target, args.model, max_seq=args.tokens + 16, holds=policies_holding(specs, device))
+    target = target_from_specs(specs, device, policy, args.layout, args.model_spec)
+    packed = pack_weights(target, args.model, max_seq=args.tokens + 16, holds=policies_holding(specs, device, target.manifest["model"]))
     if backend == "cpu":
         from dtypeforge.runtime.bench import reference_ms_per_token
         ms = reference_ms_per_token(target, packed, tokens=args.tokens)
@@ -269,6 +292,8 @@ def parser() -> argparse.ArgumentParser:
     def add(name, fn, help):
         p = sub.add_parser(name, help=help)
         p.add_argument("--specs", default=str(DEFAULT_SPECS), help="spec folder (models/, policies/, devices/)")
+        if name not in ("generate", "bench"):       # those take the spec that computes the checkpoint's architecture
+            p.add_argument("--model-spec", help="model spec (specs/models/NAME.yaml); default: the only one")
         p.set_defaults(fn=fn)
         return p
 

@@ -8,6 +8,7 @@ are both derived from the same ``Plan.weights`` entries, they cannot disagree on
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from . import expr
 from .dtypes import DTYPES, DType
@@ -129,17 +130,30 @@ class Plan:
         return getattr(self.roles[role], fld)
 
 
-def target_name(device: str, policy: str, layout: str) -> str:
-    return f"{device}.{policy}.{layout}"
+class TargetKey(NamedTuple):
+    """What a target is: a model spec on a device under a policy in a layout (generated/<name>/)."""
+    model: str
+    device: str
+    policy: str
+    layout: str
+
+    @property
+    def name(self) -> str:
+        return target_name(self.device, self.policy, self.layout, self.model)
 
 
-def resolve(specs: Specs, device: str, policy: str, layout: str, model: str = "llama") -> Plan:
+def target_name(device: str, policy: str, layout: str, model: str) -> str:
+    return f"{model}.{device}.{policy}.{layout}"
+
+
+def resolve(specs: Specs, device: str, policy: str, layout: str, model: str | None = None) -> Plan:
+    model = specs.model_name(model)
     m = specs.models[model]
     dev = specs.devices[device]
     pol = specs.policies[model][policy]
     check_runs_on(pol, dev)
     roles = {r: RoleDTypes(**pol.roles[r]) for r in m.roles}
-    plan = Plan(target_name(device, policy, layout), m, dev, pol, layout, roles)
+    plan = Plan(target_name(device, policy, layout, model), m, dev, pol, layout, roles)
     _resolve_weights(plan)
     _resolve_buffers(plan)
     _resolve_launches(plan)
@@ -275,15 +289,15 @@ def instance_name(fam: KernelFamily, dtypes: dict[str, str]) -> str:
     return "_".join([fam.template] + parts)
 
 
-def all_targets(specs: Specs, model: str = "llama") -> list[tuple[str, str, str]]:
-    """Every (device, policy, layout) whose policy runs on the device, in a stable order."""
+def all_targets(specs: Specs) -> list[TargetKey]:
+    """Every (model, device, policy, layout) whose policy runs on the device, in a stable order."""
     out = []
-    m = specs.models[model]
-    for dname, dev in sorted(specs.devices.items()):
-        for pname, pol in sorted(specs.policies[model].items()):
-            try:
-                check_runs_on(pol, dev)
-            except SpecError:
-                continue
-            out += [(dname, pname, layout) for layout in m.layouts]
+    for model, m in sorted(specs.models.items()):
+        for dname, dev in sorted(specs.devices.items()):
+            for pname, pol in sorted(specs.policies[model].items()):
+                try:
+                    check_runs_on(pol, dev)
+                except SpecError:
+                    continue
+                out += [TargetKey(model, dname, pname, layout) for layout in m.layouts]
     return out

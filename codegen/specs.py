@@ -602,6 +602,27 @@ class Specs:
     policies: dict[str, dict[str, Policy]]   # model -> policy name -> Policy
     devices: dict[str, Device]
 
+    def model_name(self, name: str | None = None) -> str:
+        """The model spec a command means: the one named, or the only one there is."""
+        if name is not None:
+            if name not in self.models:
+                raise UsageError(f"--model-spec {name!r} is not in {self.root}; allowed: {', '.join(sorted(self.models))}")
+            return name
+        if len(self.models) != 1:
+            raise UsageError(f"{self.root} has model specs {', '.join(sorted(self.models))}; pass --model-spec")
+        return next(iter(self.models))
+
+    def model_for(self, architectures, where) -> str:
+        """The model spec that computes a checkpoint's config.json architectures (its `architectures:` list)."""
+        archs = architectures if isinstance(architectures, list) else [architectures]
+        hits = [m for m, spec in sorted(self.models.items()) if archs and all(a in spec.architectures for a in archs)]
+        if len(hits) != 1:
+            known = "; ".join(f"{m}: {', '.join(spec.architectures)}" for m, spec in sorted(self.models.items()))
+            found = "no model spec" if not hits else f"model specs {', '.join(hits)} both"
+            raise UsageError(f"{where}: architectures is {architectures!r}, which {found} computes "
+                             f"({'the model specs in ' + str(self.root) + ' compute ' + known if not hits else 'make them distinct'})")
+        return hits[0]
+
 
 DEFAULT_SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -629,9 +650,10 @@ class UsageError(ValueError):
 
 
 def check_selection(specs: Specs, device: str | None = None, policy: str | None = None, layout: str | None = None,
-                    model: str = "llama") -> None:
+                    model: str | None = None) -> None:
     """Device, policy and layout names as a user typed them, each checked against the specs before it is
     used as a key or spelled into a path (a layout such as `../x` must never reach the file system)."""
+    model = specs.model_name(model)
     for what, value, known in (("device", device, specs.devices), ("policy", policy, specs.policies[model]),
                                ("layout", layout, specs.models[model].layouts)):
         if value is not None and value not in known:

@@ -400,7 +400,7 @@ def _check_values(ckpt: Checkpoint, name: str, a: np.ndarray, job: _Job, holds: 
         f"{float(a.reshape(-1)[flat]):.9g} at {_index(a.shape, flat)} (flat index {flat}); {fix}")
 
 
-def policies_holding(specs, device: str, model: str = "llama") -> Holds:
+def policies_holding(specs, device: str, model: str) -> Holds:
     """``holds`` for pack_weights: (role, max |value|) -> the names, sorted, of ``model``'s policies
     that run on ``device`` and whose storage for ``role`` packs values up to that magnitude without
     overflow (quantized storage: while the per-row scale stays finite in its dtype).
@@ -445,8 +445,6 @@ def pack_weights(target: Target, model_dir: Path | str, *, max_seq: int | None =
     Arrays are read-only: packed weights that are identical by construction (same sources,
     same transforms, e.g. a tied lm_head stored like the embedding) are one shared array,
     so writing through one name must not change another."""
-    if target.manifest["model"] != "llama":
-        raise LoadError(f"target {target.name} is for model {target.manifest['model']!r}; this loader packs llama")
     ckpt = load_checkpoint(model_dir)
     env = model_env(target.manifest, ckpt.config, ckpt.config_path, max_seq=max_seq)
     check_llama_config(env, ckpt.config, ckpt.config_path)

@@ -18,7 +18,7 @@ from dtypeforge.codegen.specs import Specs, UsageError, check_selection
 
 from .errors import BackendUnavailable
 from .generate import Sampling, check_context, stream_tokens
-from .loader import check_config, load_checkpoint, pack_weights, policies_holding
+from .loader import check_config, load_checkpoint, pack_weights, policies_holding, read_config
 from .target import LoadError, Target, load_target, materialize, model_env
 from .tokenizer import HFTokenizer, StreamDecoder, check_text
 
@@ -62,15 +62,21 @@ def resolve_device(specs: Specs, device: str, backend: str) -> str:
     return device_for_gpu(specs, gpu_name())
 
 
-def target_from_specs(specs: Specs, device: str, policy: str, layout: str) -> Target:
+def model_spec_for(specs: Specs, model_dir) -> str:
+    """The model spec that computes the checkpoint's architecture (config.json `architectures`)."""
+    config, config_path = read_config(Path(model_dir))
+    return specs.model_for(config.get("architectures"), config_path)
+
+
+def target_from_specs(specs: Specs, device: str, policy: str, layout: str, model: str) -> Target:
     """The target exactly as ``specs`` resolve it: its Plan rendered in memory (tens of ms) into a cache
     folder named by the content, so a run uses the user's own specs (an edited policy, a new device)
     and never a generated/ folder that may be stale; generated/ is the golden `codegen build --check`
     holds the shipped specs to. An unknown name or a policy the device cannot run is a spec error."""
     from dtypeforge.codegen.build import render_targets
-    from dtypeforge.codegen.plan import target_name
-    name = target_name(device, policy, layout)
-    return load_target(materialize(name, render_targets(specs, [(device, policy, layout)])[name]))
+    from dtypeforge.codegen.plan import TargetKey
+    key = TargetKey(model, device, policy, layout)
+    return load_target(materialize(key.name, render_targets(specs, [key])[key.name]))
 
 
 def names_gpu(entry: str, gpu: str) -> bool:
@@ -172,11 +178,12 @@ def _prepare(specs: Specs, model_dir, device: str, policy: str | None, layout: s
     if not (model_dir / "config.json").is_file():
         raise LoadError(f"{model_dir} is not a model directory (no config.json); "
                         f"make one with `codegen import-gguf --out {model_dir}` or `codegen synth-model`")
-    check_selection(specs, None if device == "auto" else device, policy, layout)
+    model = model_spec_for(specs, model_dir)
+    check_selection(specs, None if device == "auto" else device, policy, layout, model)
     kind = resolve_backend(backend)
     device = resolve_device(specs, device, kind)
     policy = policy or specs.devices[device].default_policy
-    target = target_from_specs(specs, device, policy, layout)
+    target = target_from_specs(specs, device, policy, layout, model)
     ckpt = load_checkpoint(model_dir)          # config and tensor headers: refused here, before any progress output
     env = model_env(target.manifest, ckpt.config, ckpt.config_path)
     check_config(target.manifest, ckpt.config, ckpt.config_path, env)
@@ -186,7 +193,7 @@ def _prepare(specs: Specs, model_dir, device: str, policy: str | None, layout: s
 def _engine(specs, model_dir, kind, device, policy, target, tok, max_seq: int, progress: bool) -> Engine:
     if progress:
         print(f"[{target.name} on the {kind} backend]", file=sys.stderr, flush=True)
-    packed = pack_weights(target, model_dir, max_seq=max_seq, progress=progress, holds=policies_holding(specs, device))
+    packed = pack_weights(target, model_dir, max_seq=max_seq, progress=progress, holds=policies_holding(specs, device, target.manifest["model"]))
     if kind == "cuda":
         from .cuda import CudaBackend
         be = CudaBackend(target, packed, progress=progress)

@@ -1,6 +1,6 @@
 """Find a generated target and turn a checkpoint's config.json into its symbol values.
 
-A target directory (``generated/<device>.<policy>.<layout>/``) is everything the runtime
+A target directory (``generated/<model>.<device>.<policy>.<layout>/``) is everything the runtime
 knows about dtypes: ``manifest.json`` (config symbols, buffers, kernels, decode step) and
 ``packing.json`` (what the loader packs). Both keep shapes as expressions over config
 symbols so one target serves every model size; ``model_env`` supplies the values for one
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dtypeforge.codegen import expr
-from dtypeforge.codegen.plan import target_name
 
 GENERATED = Path(__file__).resolve().parent.parent / "generated"
 
@@ -55,20 +54,26 @@ class Target:
         return self.manifest["target"]
 
 
-def find_target(device: str, policy: str, layout: str = "separate", generated: Path = GENERATED) -> Path:
-    """The directory of one generated target; a missing one lists what ``device`` does have,
-    since a typo in the policy or layout is the usual cause."""
+def find_target(device: str, policy: str, layout: str = "separate", generated: Path = GENERATED,
+                model: str | None = None) -> Path:
+    """The directory of one generated target (``<model>.<device>.<policy>.<layout>``; without ``model``, the
+    one such target of any model spec); a missing one lists what ``device`` does have, since a typo in
+    the policy or layout is the usual cause."""
     generated = Path(generated)
-    path = generated / target_name(device, policy, layout)
-    if (path / "manifest.json").is_file():
-        return path
-    have = sorted(p.name for p in generated.glob(f"{device}.*") if (p / "manifest.json").is_file())
+    pattern = f"{model or '*'}.{device}.{policy}.{layout}"
+    hits = sorted(p for p in generated.glob(pattern) if (p / "manifest.json").is_file())
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise TargetNotFound(f"{len(hits)} targets match {pattern} in {generated} ({', '.join(p.name for p in hits)}); "
+                             "name the model spec")
+    have = sorted(p.name for p in generated.glob(f"*.{device}.*.*") if (p / "manifest.json").is_file())
     if have:
         hint = f"targets for device {device!r}: {', '.join(have)}"
     else:
-        devices = sorted({p.name.split(".")[0] for p in generated.glob("*.*.*") if (p / "manifest.json").is_file()})
+        devices = sorted({p.name.split(".")[1] for p in generated.glob("*.*.*.*") if (p / "manifest.json").is_file()})
         hint = f"no targets for device {device!r}; devices with targets: {', '.join(devices) or 'none'}"
-    raise TargetNotFound(f"no generated target {path.name} in {generated}; {hint} (run `codegen build` to regenerate)")
+    raise TargetNotFound(f"no generated target {pattern} in {generated}; {hint} (run `codegen build` to regenerate)")
 
 
 def _read_json(path: Path) -> dict:

@@ -2,7 +2,7 @@
 
 The checkpoints and goldens in goldens/configs/ were written by goldens/make_config_goldens.py with
 transformers (see goldens/configs/README.md); this file needs only numpy. Each accepted case is packed once
-for generated/reference.f32.fused and decoded on the numpy reference backend:
+for generated/llama.reference.f32.fused and decoded on the numpy reference backend:
 
 - greedy decoding from the golden prompt reproduces transformers' 448 new tokens (positions up to 455,
   7x the llama3 case's original context of 64), up to the first step transformers won by less than

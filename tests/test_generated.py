@@ -29,10 +29,10 @@ def test_generated_is_fresh(capsys):
 def test_check_reports_stale_missing_and_extra_files(tmp_path, capsys):
     out = tmp_path / "gen"
     assert main(["build", "--out", str(out), "--device", "h100", "--policy", "f16"]) == 0
-    cu = out / "h100.f16.separate" / "kernels.cu"
+    cu = out / "llama.h100.f16.separate" / "kernels.cu"
     cu.write_text(cu.read_text() + "// hand edit\n")
-    (out / "h100.f16.fused" / "packing.json").unlink()
-    (out / "h100.f16.fused" / "notes.txt").write_text("x")
+    (out / "llama.h100.f16.fused" / "packing.json").unlink()
+    (out / "llama.h100.f16.fused" / "notes.txt").write_text("x")
     capsys.readouterr()
     assert main(["build", "--check", "--out", str(out), "--device", "h100", "--policy", "f16"]) == 1
     err = capsys.readouterr().err
@@ -63,8 +63,8 @@ def test_every_file_carries_the_do_not_edit_header():
 
 def test_kernel_names_spell_every_dtype_and_are_unique():
     specs = load_specs()
-    for dev, pol, lay in all_targets(specs):
-        plan = resolve(specs, dev, pol, lay)
+    for key in all_targets(specs):
+        plan = resolve(specs, key.device, key.policy, key.layout, key.model)
         if plan.device.kind != "cuda":
             continue
         cu = (GENERATED / plan.target / "kernels.cu").read_text()
@@ -115,7 +115,7 @@ def test_only_ops_marked_early_let_the_next_launch_start_at_once():
     wait = re.search(r"#define DTF_WAIT_PRIOR\(\) (.*)", with_pdl).group(1)
     assert wait.index("griddepcontrol.wait") < wait.index("griddepcontrol.launch_dependents")
     assert "griddepcontrol" not in without
-    m40 = (GENERATED / "m40.f16-storage-f32-compute.fused" / "kernels.cu").read_text()
+    m40 = (GENERATED / "llama.m40.f16-storage-f32-compute.fused" / "kernels.cu").read_text()
     assert "#define DTF_PDL 1" in cu and "#define DTF_PDL 0" in m40 and "DTF_KERNEL_START(1)" in m40
 
 
@@ -166,7 +166,7 @@ def test_row_kernels_are_grid_stride_and_the_manifest_says_so():
     the flag travels from the kernel catalog through the manifest to the bound launch."""
     row_kernels = {"gemv", "gemv_residual", "norm_gemv", "norm_gemv_argmax", "norm_gemv_swiglu", "norm_qkv_rope_kv"}
     for layout in ("separate", "fused"):
-        m = json.loads((GENERATED / f"h200.f16.{layout}" / "manifest.json").read_text())
+        m = json.loads((GENERATED / f"llama.h200.f16.{layout}" / "manifest.json").read_text())
         template = {k["name"]: k["template"] for k in m["kernels"]}
         for launch in m["decode_step"]:
             assert launch["grid_stride"] == (template[launch["kernel"]] in row_kernels), launch["op"]
@@ -185,13 +185,13 @@ def test_device_tuning_reaches_the_kernels_and_compiles(tmp_path):
     out = tmp_path / "gen"
     assert main(["build", "--specs", str(specs_dir), "--out", str(out), "--device", "h100", "--policy", "fp8-e4m3-weights",
                  "--layout", "fused"]) == 0
-    cu = out / "h100.fp8-e4m3-weights.fused" / "kernels.cu"
+    cu = out / "llama.h100.fp8-e4m3-weights.fused" / "kernels.cu"
     assert "#define DTF_GEMV_LOADS 4\n" in cu.read_text()
-    assert "#define DTF_GEMV_LOADS 8\n" in (GENERATED / "h100.fp8-e4m3-weights.fused" / "kernels.cu").read_text()
+    assert "#define DTF_GEMV_LOADS 8\n" in (GENERATED / "llama.h100.fp8-e4m3-weights.fused" / "kernels.cu").read_text()
     assert "#define DTF_L2_PREFETCH_KIB 4096\n" in cu.read_text()     # h100's; h200's is still 0
-    assert "#define DTF_L2_PREFETCH_KIB 0\n" in (GENERATED / "h200.f16.fused" / "kernels.cu").read_text()
+    assert "#define DTF_L2_PREFETCH_KIB 0\n" in (GENERATED / "llama.h200.f16.fused" / "kernels.cu").read_text()
     assert "#define DTF_GEMV_ROTATE_BATCHES 0\n" in cu.read_text()   # h100's default; h200 rotates rows of 4+ batches
-    assert "#define DTF_GEMV_ROTATE_BATCHES 4\n" in (GENERATED / "h200.f16.fused" / "kernels.cu").read_text()
+    assert "#define DTF_GEMV_ROTATE_BATCHES 4\n" in (GENERATED / "llama.h200.f16.fused" / "kernels.cu").read_text()
     assert compile_cubin(cu, "sm_90").stat().st_size > 0
 
 
@@ -203,7 +203,7 @@ def test_attention_workspace_and_grid_grow_with_the_context(tmp_path):
     from dtypeforge.runtime.loader import pack_weights
     from dtypeforge.runtime.synth import write_synthetic_model
     from dtypeforge.runtime.target import load_target
-    t = load_target(GENERATED / "h200.f16.fused")
+    t = load_target(GENERATED / "llama.h200.f16.fused")
     model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 4096}))
@@ -250,7 +250,7 @@ def test_int8_weights_widen_exactly_through_f16_pairs():
     constants read from the header the generated code includes, so a CPU-only run (CI) checks the
     arithmetic the GPU tests check on the device."""
     cu = (REPO / "templates" / "dtf" / "rows.cuh").read_text()
-    assert '#include "dtf/rows.cuh"' in (GENERATED / "h200.int8-weights.fused" / "kernels.cu").read_text()
+    assert '#include "dtf/rows.cuh"' in (GENERATED / "llama.h200.int8-weights.fused" / "kernels.cu").read_text()
     widen = cu[cu.index("template <> struct Widen<signed char>"):]
     widen = widen[:widen.index("\n};\n")]
     m = re.search(r"r\.x \^ (0x[0-9a-f]+)u.*?__ushort_as_half\((0x[0-9a-f]+)\).*?"

@@ -1,6 +1,6 @@
 """End-to-end numerics on the real SmolLM2-135M-Instruct, against transformers' float32 goldens (CPU only).
 
-- f32 on the reference backend (generated/reference.f32.separate) must reproduce transformers' greedy
+- f32 on the reference backend (generated/llama.reference.f32.separate) must reproduce transformers' greedy
   decoding of every golden prompt token for token (32 new tokens, or up to EOS where the golden stops
   there), and its logits at the last prompt position must match transformers' within a stated tolerance.
 - Every other policy is held to the agreement pinned in goldens/policy_agreement.json (written by

@@ -203,7 +203,7 @@ def test_half_precision_sources_widen_exactly(tmp_path, dtype):
 def test_progress_bar_goes_to_stderr(tiny, capsys):
     pack_weights(target("f16"), tiny, progress=True)
     out, err = capsys.readouterr()
-    assert out == "" and "packing reference.f16.separate" in err
+    assert out == "" and "packing llama.reference.f16.separate" in err
     pack_weights(target("f16"), tiny, progress=False)
     assert capsys.readouterr() == ("", "")
 
@@ -211,10 +211,10 @@ def test_progress_bar_goes_to_stderr(tiny, capsys):
 # ---------------------------------------------------------------------------------- targets, config
 
 def test_find_target_lists_the_devices_targets_when_absent(tmp_path):
-    assert find_target("h100", "int8-weights", "fused") == GENERATED / "h100.int8-weights.fused"
+    assert find_target("h100", "int8-weights", "fused") == GENERATED / "llama.h100.int8-weights.fused"
     with pytest.raises(TargetNotFound) as e:
         find_target("h100", "int9-weights")
-    assert "h100.int9-weights.separate" in str(e.value) and "h100.int8-weights.fused" in str(e.value)
+    assert "h100.int9-weights.separate" in str(e.value) and "llama.h100.int8-weights.fused" in str(e.value)
     with pytest.raises(TargetNotFound, match="no targets for device 'h999'.*devices with targets: .*h100"):
         find_target("h999", "f16")
 

@@ -19,7 +19,7 @@ import pytest
 
 from dtypeforge.codegen.dtypes import DTYPES
 from dtypeforge.codegen.expr import evaluate
-from dtypeforge.codegen.plan import all_targets, target_name
+from dtypeforge.codegen.plan import all_targets
 from dtypeforge.codegen.specs import load_specs
 from dtypeforge.runtime.loader import pack_weights
 from dtypeforge.runtime.synth import write_synthetic_model
@@ -45,7 +45,7 @@ def packed_buffers(packing) -> dict[str, dict]:
 
 def test_generated_holds_every_target_of_the_specs():
     """So the parametrized tests below cover every target, not just whatever is on disk."""
-    assert TARGETS == sorted(target_name(*t) for t in all_targets(load_specs()))
+    assert TARGETS == sorted(t.name for t in all_targets(load_specs()))
 
 
 @pytest.mark.parametrize("name", TARGETS)

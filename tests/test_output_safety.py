@@ -82,14 +82,14 @@ def test_build_creates_a_missing_out_and_lists_what_it_wrote(tmp_path):
     r = cli("build", "--out", out, *SELECT)
     assert r.returncode == 0, r.stderr
     index = (out / B.INDEX).read_text().splitlines()
-    assert [l for l in index if not l.startswith("#")] == ["h100.f16.fused", "h100.f16.separate"]
-    assert sorted(p.name for p in out.iterdir()) == [B.INDEX, "h100.f16.fused", "h100.f16.separate"]
+    assert [l for l in index if not l.startswith("#")] == ["llama.h100.f16.fused", "llama.h100.f16.separate"]
+    assert sorted(p.name for p in out.iterdir()) == [B.INDEX, "llama.h100.f16.fused", "llama.h100.f16.separate"]
     r = cli("build", "--check", "--out", out, *SELECT)
     assert r.returncode == 0, r.stderr
     # a second selection adds to the index; the first one's folders stay
     assert cli("build", "--out", out, "--device", "h200", "--policy", "f16", "--layout", "fused").returncode == 0
     owned, _ = B.owned_targets(out)
-    assert owned == {"h100.f16.fused", "h100.f16.separate", "h200.f16.fused"}
+    assert owned == {"llama.h100.f16.fused", "llama.h100.f16.separate", "llama.h200.f16.fused"}
 
 
 def test_build_refuses_an_out_that_is_a_file(tmp_path):
@@ -108,13 +108,13 @@ def test_prune_removes_only_owned_targets(tmp_path):
     B.write(both, out, prune=False)
     fused = {k: v for k, v in both.items() if k.endswith(".fused")}
     # an owned target that is no longer produced is reported by a full check, then pruned by a full build
-    assert f"extra:   {out / 'h100.f16.separate'}" in B.stale(fused, out, full=True)
+    assert f"extra:   {out / 'llama.h100.f16.separate'}" in B.stale(fused, out, full=True)
     changed = B.write(fused, out, prune=True)
-    assert out / "h100.f16.separate" in changed and not (out / "h100.f16.separate").exists()
-    assert B.owned_targets(out)[0] == {"h100.f16.fused"} and B.stale(fused, out, full=True) == []
+    assert out / "llama.h100.f16.separate" in changed and not (out / "llama.h100.f16.separate").exists()
+    assert B.owned_targets(out)[0] == {"llama.h100.f16.fused"} and B.stale(fused, out, full=True) == []
     # a foreign folder blocks the build before anything is written or pruned
     B.write(both, out, prune=False)
-    (out / "h100.f16.fused" / "kernels.cu").write_text("// edited\n")
+    (out / "llama.h100.f16.fused" / "kernels.cu").write_text("// edited\n")
     (out / "stranger").mkdir()
     before = snapshot(out)
     with pytest.raises(B.OutDirError, match="'stranger'"):
@@ -122,7 +122,7 @@ def test_prune_removes_only_owned_targets(tmp_path):
     assert snapshot(out) == before
     # a file of its own in a target folder about to be pruned is never deleted either
     (out / "stranger").rmdir()
-    (out / "h100.f16.separate" / "my.cubin").write_bytes(b"\x7fELF")
+    (out / "llama.h100.f16.separate" / "my.cubin").write_bytes(b"\x7fELF")
     before = snapshot(out)
     with pytest.raises(B.OutDirError, match="'my.cubin'"):
         B.write(fused, out, prune=True)
@@ -140,7 +140,7 @@ def test_targets_written_before_the_index_existed_are_adopted(tmp_path):
     assert cli("build", "--check", "--out", out, *SELECT).returncode == 0
     # without an index, a folder whose manifest names another target is not adopted
     (out / B.INDEX).unlink()
-    shutil.copytree(out / "h100.f16.fused", out / "copy")
+    shutil.copytree(out / "llama.h100.f16.fused", out / "copy")
     r = cli("build", "--out", out, *SELECT)
     assert r.returncode == 2 and "'copy'" in one_error_line(r.stderr)
 
@@ -182,7 +182,7 @@ def test_interrupt_between_write_and_rename_leaves_no_temporary(tmp_path, monkey
     out = tmp_path / "gen"
     rendered = _render_h100_f16()
     B.write(rendered, out, prune=False)
-    (out / "h100.f16.fused" / "kernels.cu").write_text("// old\n")
+    (out / "llama.h100.f16.fused" / "kernels.cu").write_text("// old\n")
     real_replace = os.replace
 
     def interrupt(src, dst):
@@ -193,7 +193,7 @@ def test_interrupt_between_write_and_rename_leaves_no_temporary(tmp_path, monkey
         B.write(rendered, out, prune=False)
     monkeypatch.setattr(B.os, "replace", real_replace)
     assert temporaries(out) == []
-    assert (out / "h100.f16.fused" / "kernels.cu").read_text() == "// old\n"     # the old file, whole
+    assert (out / "llama.h100.f16.fused" / "kernels.cu").read_text() == "// old\n"     # the old file, whole
 
 
 def _render_h100_f16():

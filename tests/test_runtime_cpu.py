@@ -40,7 +40,7 @@ def _build(args):
 
 @pytest.mark.compile
 def test_compile_cache_is_shared_and_safe_across_processes(tmp_path):
-    src = GENERATED / "h100.f16.fused" / "kernels.cu"
+    src = GENERATED / "llama.h100.f16.fused" / "kernels.cu"
     with ProcessPoolExecutor(2) as ex:
         paths = list(ex.map(_build, [(str(tmp_path), str(src))] * 2))
     assert paths[0] == paths[1]
@@ -74,7 +74,7 @@ def test_bench_report_states_each_ops_share_and_its_bandwidth_efficiency():
     and the step's time beyond its bytes at the copy rate, per launch."""
     import io
     from dtypeforge.runtime.bench import BenchResult, print_result
-    r = BenchResult("h200.f16.fused", "NVIDIA H200", 128, 0.845, 0.86, 2_471_600_000, 4270.0,
+    r = BenchResult("llama.h200.f16.fused", "NVIDIA H200", 128, 0.845, 0.86, 2_471_600_000, 4270.0,
                     [("down [k]", 16, 0.25)], [("down [k]", 16, 0.1875, 16 * 33_554_432), ("attention [a]", 16, 0.0732, 0)])
     out = io.StringIO()
     print_result(r, out=out)
@@ -119,7 +119,7 @@ def test_traced_kernels_build_and_export_the_timeline(tmp_path):
     """-DDTF_TRACE (codegen bench --timeline) builds every kernel of a target with the clock stamps
     and exports the buffers the runtime reads by name; without it, no trace symbol is left."""
     from dtypeforge.codegen.compile import compile_cubin
-    cu = GENERATED / "h200.f16.fused" / "kernels.cu"
+    cu = GENERATED / "llama.h200.f16.fused" / "kernels.cu"
     traced = compile_cubin(cu, "sm_90", tmp_path / "traced.cubin", options=("-DDTF_TRACE",)).read_bytes()
     plain = compile_cubin(cu, "sm_90", tmp_path / "plain.cubin", options=()).read_bytes()
     for sym in (b"dtf_trace\0", b"dtf_trace_started\0", b"dtf_trace_ended\0", b"dtf_trace_blocks_done\0"):
@@ -187,11 +187,11 @@ def test_cuda_backend_refuses_a_target_for_a_newer_arch_than_the_gpus(cc, ok):
     import json
     from dtypeforge.runtime.cuda import check_gpu_runs
     from dtypeforge.runtime.errors import BackendUnavailable
-    manifest = json.loads((GENERATED / "h100.f16.fused" / "manifest.json").read_text())
+    manifest = json.loads((GENERATED / "llama.h100.f16.fused" / "manifest.json").read_text())
     if ok:
         check_gpu_runs(manifest, "NVIDIA GPU", *cc)
     else:
-        with pytest.raises(BackendUnavailable, match=rf"target h100.f16.fused was generated for sm_90 \(device spec h100\), "
+        with pytest.raises(BackendUnavailable, match=rf"target llama.h100.f16.fused was generated for sm_90 \(device spec h100\), "
                                                      rf"but this GPU, NVIDIA GPU, is sm_{cc[0]}{cc[1]}"):
             check_gpu_runs(manifest, "NVIDIA GPU", *cc)
 
@@ -245,7 +245,7 @@ def test_compile_cli_builds_the_entry_points_a_model_gets(tmp_path):
     import json
     from dtypeforge.codegen.cli import main
     model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
-    manifest = json.loads((GENERATED / "h200.f16.fused" / "manifest.json").read_text())
+    manifest = json.loads((GENERATED / "llama.h200.f16.fused" / "manifest.json").read_text())
     generic = {l["kernel"] for l in manifest["decode_step"]}
     shaped = {l["shaped_kernel"] for l in manifest["decode_step"]}
     for args, want, not_want in (((), generic, shaped), (("--model", str(model)), shaped, generic)):

@@ -312,7 +312,7 @@ def test_user_spec_folder_with_a_new_policy(specs_dir, capsys, tmp_path):
         "name: kv-f16\nextends: f32\ndescription: f32 with an f16 KV cache\nroles:\n  kv_cache: {storage: f16}\n")
     out = tmp_path / "gen"
     assert main(["build", "--specs", str(specs_dir), "--out", str(out), "--device", "h100", "--policy", "kv-f16"]) == 0
-    cu = (out / "h100.kv-f16.separate" / "kernels.cu").read_text()
+    cu = (out / "llama.h100.kv-f16.separate" / "kernels.cu").read_text()
     assert "kv_append_kf32_vf32_kcf16_vcf16" in cu and "attention_qf32_kcf16_vcf16_yf32_cf32_af32" in cu
 
 

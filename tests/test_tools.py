@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = Path("generated") / "h200.f16.fused" / "kernels.cu"
+KERNELS = Path("generated") / "llama.h200.f16.fused" / "kernels.cu"
 MARK = "// ab_tree test marker"
 
 

@@ -36,7 +36,7 @@ def model(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def holds():
-    return policies_holding(load_specs(), "reference")
+    return policies_holding(load_specs(), "reference", "llama")
 
 
 def target(policy: str, layout: str = "fused"):
@@ -165,8 +165,8 @@ def test_overflow_threshold_where_nothing_overflows():
 
 def test_policies_holding_follows_the_device(holds):
     specs = load_specs()
-    assert holds("up_proj", 1.0) == sorted({p for d, p, _ in all_targets(specs) if d == "reference"})
+    assert holds("up_proj", 1.0) == sorted({t.policy for t in all_targets(specs) if t.device == "reference"})
     assert "f16" in holds("up_proj", 65504.0) and "f16" not in holds("up_proj", 65520.0)
     # a device that runs only some policies lists only those
-    m40 = policies_holding(specs, "m40")("up_proj", 1e5)
+    m40 = policies_holding(specs, "m40", "llama")("up_proj", 1e5)
     assert set(m40) <= set(holds("up_proj", 1e5)) and "f32" in m40
