@@ -19,7 +19,7 @@ from dtypeforge.codegen.specs import Specs, UsageError, check_selection
 from .errors import BackendUnavailable
 from .generate import Sampling, check_context, stream_tokens
 from .loader import check_config, load_checkpoint, pack_weights, policies_holding, read_config
-from .target import LoadError, Target, load_target, materialize, model_env
+from .target import ConfigError, LoadError, Target, load_target, materialize, model_env
 from .tokenizer import HFTokenizer, StreamDecoder, check_text
 
 
@@ -65,7 +65,10 @@ def resolve_device(specs: Specs, device: str, backend: str) -> str:
 def model_spec_for(specs: Specs, model_dir) -> str:
     """The model spec that computes the checkpoint's architecture (config.json `architectures`)."""
     config, config_path = read_config(Path(model_dir))
-    return specs.model_for(config.get("architectures"), config_path)
+    try:
+        return specs.model_for(config.get("architectures"), config_path)
+    except UsageError as e:        # the checkpoint's, not the command line's: a run-time error
+        raise ConfigError(str(e)) from None
 
 
 def target_from_specs(specs: Specs, device: str, policy: str, layout: str, model: str) -> Target:
