@@ -145,25 +145,23 @@ def cmd_compile(args) -> int:
     dev = specs.devices[args.device]
     if dev.kind != "cuda":
         raise UsageError(f"device {dev.name} is a {dev.kind} device: it has no kernels to compile")
-    plan = resolve(specs, args.device, policy, args.layout, args.model_spec)
-    src = Path(args.out) / plan.target / "kernels.cu"
-    rendered = B.render_targets(specs, [TargetKey(args.model_spec, args.device, policy, args.layout)])
-    if not src.is_file() or src.read_text() != rendered[plan.target]["kernels.cu"]:
-        print(f"error: {src} is missing or stale; run `codegen build` first", file=sys.stderr)
-        return 1
+    # the target as the specs render it (the runtime's own cache folder), never a generated/ that may be stale
+    from dtypeforge.runtime.session import target_from_specs
+    target = target_from_specs(specs, args.device, policy, args.layout, args.model_spec)
+    src = target.path / "kernels.cu"
     options, what, tag = (), "", ""
     if args.model:     # the entry points the runtime compiles for this model: its shapes as constants
         from dtypeforge.runtime.binding import shape_defines
         from dtypeforge.runtime.loader import check_config, read_config
-        from dtypeforge.runtime.target import load_target, model_env
-        manifest = load_target(src.parent).manifest
+        from dtypeforge.runtime.target import model_env
+        manifest = target.manifest
         config, config_path = read_config(Path(args.model))
         env = model_env(manifest, config, config_path)
         check_config(manifest, config, config_path, env)
         options = shape_defines(manifest, env)
         what, tag = f" with the shapes of {args.model}", f".{Path(args.model).resolve().name}"
-    cubin = Path(args.cubin) if args.cubin else Path(".cache/cubin") / f"{plan.target}{tag}.{dev.arch}.cubin"
-    B.progress(f"compiling {src} for {dev.arch}{what} ...")
+    cubin = Path(args.cubin) if args.cubin else Path(".cache/cubin") / f"{target.name}{tag}.{dev.arch}.cubin"
+    B.progress(f"compiling {target.name} for {dev.arch}{what} ...")
     try:
         compile_cubin(src, dev.arch, cubin, options=options)
     except ToolchainError as e:
@@ -305,9 +303,8 @@ def parser() -> argparse.ArgumentParser:
     p = add("explain", cmd_explain, "table of every role's storage/compute/accumulate/output dtype")
     p.add_argument("--device", required=True), p.add_argument("--policy"), p.add_argument("--layout", default="fused", help="fused (the fast path) or separate")
     p.add_argument("--diff", metavar="OTHER_POLICY", help="show what changes relative to another policy")
-    p = add("compile", cmd_compile, "compile a target's kernels.cu to a cubin for its arch")
+    p = add("compile", cmd_compile, "compile a target's kernels, as --specs render them, to a cubin for its arch")
     p.add_argument("--device", required=True), p.add_argument("--policy"), p.add_argument("--layout", default="fused", help="fused (the fast path) or separate")
-    p.add_argument("--out", default=str(B.GENERATED), help="generated/ folder")
     p.add_argument("--cubin", help="output path (default .cache/cubin/<target>[.<model>].<arch>.cubin)")
     p.add_argument("--model", help="a Hugging Face model directory: compile the entry points for its shapes, as the "
                                    "runtime does (-DDTF_SHAPED), instead of the generic ones")
