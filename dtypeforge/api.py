@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dtypeforge.codegen.specs import DEFAULT_SPECS, load_specs
 from dtypeforge.runtime.generate import Sampling
-from dtypeforge.runtime.session import Engine, open_engine
+from dtypeforge.session import Engine, open_engine
 
 
 def load(model_dir, device: str = "auto", policy: str | None = None, *, layout: str = "fused", backend: str = "auto",

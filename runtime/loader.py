@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from dtypeforge.codegen.dtypes import (DTYPES, from_storage, max_finite, overflow_threshold, quantize_per_output_channel,
-                            storage_holds, to_storage)
+                                       to_storage)
 from dtypeforge.codegen.expr import evaluate
 
 from .rope import inv_freq, scaling as rope_scaling
@@ -398,29 +398,6 @@ def _check_values(ckpt: Checkpoint, name: str, a: np.ndarray, job: _Job, holds: 
         f"tensor {name} {where} has max |value| {amax:.9g}, which overflows {storage} (max {max_finite(storage):.9g}), "
         f"the storage of packed weight {job.name} (role {role}); the first value that does is "
         f"{float(a.reshape(-1)[flat]):.9g} at {_index(a.shape, flat)} (flat index {flat}); {fix}")
-
-
-def policies_holding(specs, device: str, model: str) -> Holds:
-    """``holds`` for pack_weights: (role, max |value|) -> the names, sorted, of ``model``'s policies
-    that run on ``device`` and whose storage for ``role`` packs values up to that magnitude without
-    overflow (quantized storage: while the per-row scale stays finite in its dtype).
-    ``specs`` is a codegen.specs.Specs."""
-    from dtypeforge.codegen.specs import check_runs_on
-    from dtypeforge.codegen.yamlsrc import SpecError
-
-    dev = specs.devices[device]
-    runnable = []
-    for pol in specs.policies[model].values():
-        try:
-            check_runs_on(pol, dev)
-        except SpecError:
-            continue
-        runnable.append(pol)
-
-    def holds(role: str, max_abs: float) -> list[str]:
-        return sorted(p.name for p in runnable if role in p.roles
-                      and storage_holds(max_abs, p.roles[role]["storage"], p.roles[role].get("scale")))
-    return holds
 
 
 def _pack(ckpt: Checkpoint, job: _Job, holds: Holds | None = None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -19,7 +19,7 @@ def tiny(tmp_path_factory):
 def test_streamed_tokens_are_the_clis_tokens(tiny, tmp_path):
     with dtypeforge.load(tiny, device="reference", policy="bf16") as engine:
         streamed = [t for t, _ in engine.generate("Hello there", max_new_tokens=12) if t is not None]
-    r = subprocess.run([sys.executable, "-m", "dtypeforge.codegen.cli", "generate", "--model", str(tiny), "--backend",
+    r = subprocess.run([sys.executable, "-m", "dtypeforge.cli", "generate", "--model", str(tiny), "--backend",
                         "cpu", "--policy", "bf16", "--prompt", "Hello there", "--max-new-tokens", "12", "--json"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr

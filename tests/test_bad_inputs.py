@@ -191,7 +191,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case, tiny, tmp_path, r
             return a
         return a.format(model=work / "model", work=work, specs=work / "specs")
     argv = [fill(a) for a in case.argv]
-    r = subprocess.run([sys.executable, "-m", "dtypeforge.codegen.cli", *argv], cwd=work, capture_output=True, timeout=120,
+    r = subprocess.run([sys.executable, "-m", "dtypeforge.cli", *argv], cwd=work, capture_output=True, timeout=120,
                        env={**os.environ, "DTYPEFORGE_CACHE": str(tmp_path / "cache"), **case.env})
     err = r.stderr.decode("utf-8", "replace")
     lines = [l for l in err.splitlines() if l.strip()]

@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 
 from dtypeforge.codegen.build import GENERATED
-from dtypeforge.codegen.cli import main
+from dtypeforge.cli import main
 from dtypeforge.codegen.dtypes import DTYPES
 from dtypeforge.codegen.plan import all_targets, resolve
 from dtypeforge.codegen.specs import load_specs

@@ -26,7 +26,7 @@ import pytest
 from conftest import golden_script
 
 from dtypeforge.codegen.specs import DEFAULT_SPECS, load_specs
-from dtypeforge.runtime.session import encode_prompt
+from dtypeforge.session import encode_prompt
 from dtypeforge.runtime.tokenizer import HFTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,7 +163,7 @@ def _single_user_chat_record() -> dict:
 
 
 def _codegen(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dtypeforge.codegen.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dtypeforge.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600, stdin=subprocess.DEVNULL)
 
 
@@ -187,8 +187,8 @@ def test_cli_refuses_context_overflow_before_packing(smollm2_dir):
 
 def test_cli_context_refusal_never_packs(smollm2_dir, monkeypatch, capsys):
     """The same refusal in-process, with packing made to fail loudly: the check comes first."""
-    from dtypeforge.codegen import cli
-    from dtypeforge.runtime import session
+    from dtypeforge import cli
+    from dtypeforge import session
 
     def no_packing(*args, **kwargs):
         raise AssertionError("weights were packed before the context check")

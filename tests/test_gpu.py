@@ -36,7 +36,7 @@ if REASON:
 
 from dtypeforge.runtime.cuda import CudaBackend, gpu_name  # noqa: E402
 from dtypeforge.runtime.opcheck import check_target_ops  # noqa: E402
-from dtypeforge.runtime.session import names_gpu, resolve_device  # noqa: E402
+from dtypeforge.session import names_gpu, resolve_device  # noqa: E402
 
 SPECS = load_specs()
 DEVICE = resolve_device(SPECS, "auto", "cuda")

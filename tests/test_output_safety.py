@@ -18,7 +18,7 @@ import pytest
 from gguf import GGUFWriter
 
 from dtypeforge.codegen import build as B
-from dtypeforge.codegen.cli import main
+from dtypeforge.cli import main
 from dtypeforge.codegen.specs import DEFAULT_SPECS, _shape_dim, load_device
 from dtypeforge.codegen.yamlsrc import SpecError, load
 from dtypeforge.runtime import gguf_import
@@ -29,7 +29,7 @@ SELECT = ["--device", "h100", "--policy", "f16"]          # two targets: a cheap
 
 
 def cli(*args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dtypeforge.codegen.cli", *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dtypeforge.cli", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 

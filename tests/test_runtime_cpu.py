@@ -21,7 +21,7 @@ def _no_cuda() -> bool:
 @pytest.mark.skipif(not _no_cuda(), reason="a usable GPU is present; this checks the message without one")
 def test_cuda_backend_without_gpu_points_at_cpu(tmp_path):
     model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
-    r = subprocess.run([sys.executable, "-m", "dtypeforge.codegen.cli", "generate", "--model", str(model), "--prompt", "hi",
+    r = subprocess.run([sys.executable, "-m", "dtypeforge.cli", "generate", "--model", str(model), "--prompt", "hi",
                         "--backend", "cuda"], capture_output=True, text=True)
     assert r.returncode == 1 and "use --backend cpu" in r.stderr and "Traceback" not in r.stderr, r.stderr
     # and nothing was packed before refusing
@@ -131,7 +131,7 @@ def test_traced_kernels_build_and_export_the_timeline(tmp_path):
 def test_bench_refuses_gpu_only_flags_on_the_cpu_backend(tmp_path, capsys, flag):
     """--timeline and --compare time the GPU: with --backend cpu they are refused by name before any
     packing, rather than silently ignored."""
-    from dtypeforge.codegen.cli import main
+    from dtypeforge.cli import main
     model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
     assert main(["bench", "--model", str(model), "--backend", "cpu", "--device", "reference", *flag]) == 1
     err = capsys.readouterr().err
@@ -154,7 +154,7 @@ def test_auto_device_picks_the_spec_that_names_the_gpu(gpu, device):
     """gpu_names entries match whole words of the device name: "A10" is not a word of "A100-SXM4",
     "L4" not of "L40S", "H200" not of "GH200" (which h200.yaml names itself)."""
     from dtypeforge.codegen.specs import load_specs
-    from dtypeforge.runtime.session import device_for_gpu
+    from dtypeforge.session import device_for_gpu
     from dtypeforge.runtime.target import LoadError
     specs = load_specs()
     if device is None:
@@ -167,7 +167,7 @@ def test_auto_device_picks_the_spec_that_names_the_gpu(gpu, device):
 def test_auto_device_refuses_a_gpu_two_specs_name(tmp_path):
     import shutil
     from dtypeforge.codegen.specs import load_specs
-    from dtypeforge.runtime.session import device_for_gpu
+    from dtypeforge.session import device_for_gpu
     from dtypeforge.runtime.target import LoadError
     root = Path(__file__).resolve().parents[1] / "specs"
     shutil.copytree(root, tmp_path / "specs")
@@ -243,7 +243,7 @@ def test_compile_cli_builds_the_entry_points_a_model_gets(tmp_path):
     """`codegen compile` builds the generic entry points; with --model, the ones the runtime compiles for
     that model's shapes (one per op, `<kernel>__<op>`), and not the generic ones."""
     import json
-    from dtypeforge.codegen.cli import main
+    from dtypeforge.cli import main
     model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
     manifest = json.loads((GENERATED / "llama.h200.f16.fused" / "manifest.json").read_text())
     generic = {l["kernel"] for l in manifest["decode_step"]}

@@ -55,7 +55,7 @@ def test_generates_transformers_tokens(bf16_dir, i):
     p = GOLDEN["prompts"][i]
     tok = HFTokenizer(model)
     assert tok.encode_chat([{"role": "user", "content": p["text"]}]) == p["prompt_ids"]
-    r = subprocess.run([sys.executable, "-m", "dtypeforge.codegen.cli", "generate", "--model", str(model), "--backend", "cpu",
+    r = subprocess.run([sys.executable, "-m", "dtypeforge.cli", "generate", "--model", str(model), "--backend", "cpu",
                         "--policy", "f32", "--layout", "fused", "--chat", "--prompt", p["text"], "--json",
                         "--max-new-tokens", str(GOLDEN["new_tokens"])], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dtypeforge.codegen.cli import main
+from dtypeforge.cli import main
 from dtypeforge.codegen.plan import resolve
 from dtypeforge.codegen.specs import DEFAULT_SPECS, load_specs
 

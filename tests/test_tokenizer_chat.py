@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import golden_script
 
-from dtypeforge.runtime.session import encode_prompt
+from dtypeforge.session import encode_prompt
 from dtypeforge.runtime.synth import BOS_ID, write_synthetic_model
 from dtypeforge.runtime.target import LoadError
 from dtypeforge.runtime.tokenizer import HFTokenizer, TokenizerError
@@ -199,7 +199,7 @@ def test_prompt_that_is_not_utf8(synth_dir, chat):
 def test_cli_refuses_non_utf8_prompt_and_missing_template(synth_dir, tmp_path):
     """Through `codegen generate`: `error: ...`, exit 1, no traceback, nothing packed."""
     model = write_synthetic_model(tmp_path / "m", "tiny")
-    args = [sys.executable, "-m", "dtypeforge.codegen.cli", "generate", "--model", str(model), "--backend", "cpu",
+    args = [sys.executable, "-m", "dtypeforge.cli", "generate", "--model", str(model), "--backend", "cpu",
             "--device", "reference"]
     r = subprocess.run([*args, "--prompt", b"hi \xff"], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "packing" not in r.stderr, r.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dtypeforge.codegen.specs import load_specs
-from dtypeforge.runtime.session import open_session
+from dtypeforge.session import open_session
 from dtypeforge.runtime.synth import write_synthetic_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def myspecs(tmp_path):
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "dtypeforge.codegen.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dtypeforge.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=300)
 
 

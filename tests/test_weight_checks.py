@@ -16,7 +16,8 @@ from safetensors.numpy import load_file, save_file
 from dtypeforge.codegen.dtypes import max_finite, overflow_threshold, round_to, storage_holds, to_storage
 from dtypeforge.codegen.plan import all_targets
 from dtypeforge.codegen.specs import load_specs
-from dtypeforge.runtime.loader import NonFiniteWeightError, WeightOverflowError, pack_weights, policies_holding
+from dtypeforge.runtime.loader import NonFiniteWeightError, WeightOverflowError, pack_weights
+from dtypeforge.session import policies_holding
 from dtypeforge.runtime.synth import write_synthetic_model
 from dtypeforge.runtime.target import LoadError, find_target, load_target
 

@@ -21,4 +21,4 @@ cd "$tree"
 # The venv's editable install maps dtypeforge.* to the checkout; drop its finder so the tree's own
 # files (found through PYTHONPATH and dtypeforge/__init__.py) render.
 PYTHONPATH=$tree "$python" -c 'import sys; sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
-from dtypeforge.codegen.cli import main; sys.exit(main())' build | tail -1
+from dtypeforge.cli import main; sys.exit(main())' build | tail -1

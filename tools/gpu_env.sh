@@ -5,6 +5,6 @@
 OUT=${OUT:-/tmp/dtypeforge-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site "$(dirname "${BASH_SOURCE[0]}")"/../.whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD PATH=/usr/local/cuda/bin:$PATH DTYPEFORGE_CACHE=/tmp/dtypeforge-cache
-cg() { python3 -c 'import sys; from dtypeforge.codegen.cli import main; sys.exit(main())' "$@"; }
+cg() { python3 -c 'import sys; from dtypeforge.cli import main; sys.exit(main())' "$@"; }
 M=/tmp/models; mkdir -p $M
 synth() { for s in "$@"; do [[ -f $M/$s/config.json ]] || cg synth-model --shape "$s" --out "$M/$s" >/dev/null; done; }

@@ -21,7 +21,7 @@ from dtypeforge.runtime.generate import generate
 from dtypeforge.runtime.gguf_import import import_gguf
 from dtypeforge.runtime.loader import pack_weights
 from dtypeforge.runtime.reference import ReferenceBackend
-from dtypeforge.runtime.session import resolve_device
+from dtypeforge.session import resolve_device
 from dtypeforge.runtime.target import find_target, load_target
 from dtypeforge.runtime.tokenizer import HFTokenizer
 

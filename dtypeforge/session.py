@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from dtypeforge.codegen.specs import Specs, UsageError, check_selection
+from dtypeforge.codegen.specs import Specs, UsageError, check_runs_on, check_selection
 
-from .errors import BackendUnavailable
-from .generate import Sampling, check_context, stream_tokens
-from .loader import check_config, load_checkpoint, pack_weights, policies_holding, read_config
-from .target import ConfigError, LoadError, Target, load_target, materialize, model_env
-from .tokenizer import HFTokenizer, StreamDecoder, check_text
+from dtypeforge.runtime.errors import BackendUnavailable
+from dtypeforge.runtime.generate import Sampling, check_context, stream_tokens
+from dtypeforge.codegen.dtypes import storage_holds
+from dtypeforge.codegen.yamlsrc import SpecError
+from dtypeforge.runtime.loader import Holds, check_config, load_checkpoint, pack_weights, read_config
+from dtypeforge.runtime.target import ConfigError, LoadError, Target, load_target, materialize, model_env
+from dtypeforge.runtime.tokenizer import HFTokenizer, StreamDecoder, check_text
 
 
 @dataclass
@@ -38,7 +40,7 @@ class Result:
 
 def cuda_status() -> str | None:
     """None when the CUDA backend can run here, else why not."""
-    from . import cuda
+    from dtypeforge.runtime import cuda
     return cuda.unavailable_reason()
 
 
@@ -58,8 +60,28 @@ def resolve_device(specs: Specs, device: str, backend: str) -> str:
         return device
     if backend == "cpu":
         return "reference"
-    from .cuda import gpu_name
+    from dtypeforge.runtime.cuda import gpu_name
     return device_for_gpu(specs, gpu_name())
+
+
+def policies_holding(specs, device: str, model: str) -> Holds:
+    """``holds`` for pack_weights: (role, max |value|) -> the names, sorted, of ``model``'s policies
+    that run on ``device`` and whose storage for ``role`` packs values up to that magnitude without
+    overflow (quantized storage: while the per-row scale stays finite in its dtype).
+    ``specs`` is a codegen.specs.Specs."""
+    dev = specs.devices[device]
+    runnable = []
+    for pol in specs.policies[model].values():
+        try:
+            check_runs_on(pol, dev)
+        except SpecError:
+            continue
+        runnable.append(pol)
+
+    def holds(role: str, max_abs: float) -> list[str]:
+        return sorted(p.name for p in runnable if role in p.roles
+                      and storage_holds(max_abs, p.roles[role]["storage"], p.roles[role].get("scale")))
+    return holds
 
 
 def model_spec_for(specs: Specs, model_dir) -> str:
@@ -198,10 +220,10 @@ def _engine(specs, model_dir, kind, device, policy, target, tok, max_seq: int, p
         print(f"[{target.name} on the {kind} backend]", file=sys.stderr, flush=True)
     packed = pack_weights(target, model_dir, max_seq=max_seq, progress=progress, holds=policies_holding(specs, device, target.manifest["model"]))
     if kind == "cuda":
-        from .cuda import CudaBackend
+        from dtypeforge.runtime.cuda import CudaBackend
         be = CudaBackend(target, packed, progress=progress)
     else:
-        from .reference import ReferenceBackend
+        from dtypeforge.runtime.reference import ReferenceBackend
         be = ReferenceBackend(target.manifest, packed)
     return Engine(target, be, tok, packed.env["max_seq"], device, policy)
 

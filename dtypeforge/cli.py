@@ -12,10 +12,10 @@ import math
 import sys
 from pathlib import Path
 
-from . import build as B
-from .plan import Plan, TargetKey, all_targets, resolve
-from .specs import DEFAULT_SPECS, UsageError, check_selection, load_specs
-from .yamlsrc import SpecError
+from dtypeforge.codegen import build as B
+from dtypeforge.codegen.plan import Plan, TargetKey, all_targets, resolve
+from dtypeforge.codegen.specs import DEFAULT_SPECS, UsageError, check_selection, load_specs
+from dtypeforge.codegen.yamlsrc import SpecError
 
 
 def _specs(args):
@@ -24,7 +24,7 @@ def _specs(args):
     computes its config.json architectures."""
     specs = load_specs(Path(args.specs))
     if getattr(args, "model", None) and args.fn in (cmd_generate, cmd_bench):
-        from dtypeforge.runtime.session import model_spec_for
+        from dtypeforge.session import model_spec_for
         args.model_spec = model_spec_for(specs, args.model)
     given = getattr(args, "model_spec", None)
     if given is None and args.fn in (cmd_build, cmd_list) and len(specs.models) > 1:
@@ -139,14 +139,14 @@ def _table(rows, widths=None):
 
 
 def cmd_compile(args) -> int:
-    from .compile import ToolchainError, compile_cubin
+    from dtypeforge.codegen.compile import ToolchainError, compile_cubin
     specs = _specs(args)
     policy = _policy(specs, args)
     dev = specs.devices[args.device]
     if dev.kind != "cuda":
         raise UsageError(f"device {dev.name} is a {dev.kind} device: it has no kernels to compile")
     # the target as the specs render it (the runtime's own cache folder), never a generated/ that may be stale
-    from dtypeforge.runtime.session import target_from_specs
+    from dtypeforge.session import target_from_specs
     target = target_from_specs(specs, args.device, policy, args.layout, args.model_spec)
     src = target.path / "kernels.cu"
     options, what, tag = (), "", ""
@@ -196,7 +196,7 @@ def cmd_synth_model(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from dtypeforge.runtime.session import open_session
+    from dtypeforge.session import open_session
     from dtypeforge.runtime.generate import Sampling
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     sess = open_session(_specs(args), args.model, args.device, args.policy, args.layout, args.backend,
@@ -214,8 +214,8 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     from dtypeforge.runtime.bench import compare_hf, print_result, run_bench
-    from dtypeforge.runtime.loader import pack_weights, policies_holding
-    from dtypeforge.runtime.session import resolve_backend, resolve_device, target_from_specs
+    from dtypeforge.runtime.loader import pack_weights
+    from dtypeforge.session import policies_holding, resolve_backend, resolve_device, target_from_specs
     specs = _specs(args)
     backend = resolve_backend(args.backend)
     if backend == "cpu" and (args.compare or args.timeline):
