@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtypeforge.codegen import expr
+from dtypeforge.codegen import contract, expr
 
 GENERATED = Path(__file__).resolve().parent.parent / "generated"
 
@@ -90,7 +90,11 @@ def load_target(path: Path | str) -> Target:
     (same target and inputs hash): the loader packs from one and the kernels are launched
     from the other, so a stale half would silently disagree on dtypes."""
     path = Path(path)
-    manifest, packing = _read_json(path / "manifest.json"), _read_json(path / "packing.json")
+    try:
+        manifest = contract.check("manifest", _read_json(path / "manifest.json"), str(path / "manifest.json"))
+        packing = contract.check("packing", _read_json(path / "packing.json"), str(path / "packing.json"))
+    except contract.ContractError as e:
+        raise LoadError(str(e)) from None
     for key in ("target", "inputs"):
         if manifest.get(key) != packing.get(key):
             raise LoadError(f"{path}: manifest.json has {key} {manifest.get(key)!r} but packing.json has "
