@@ -207,8 +207,9 @@ def cmd_generate(args) -> int:
                           "device": sess.device, "policy": sess.policy, "backend": sess.backend.name}))
     else:
         print(file=sys.stdout)
-        B.progress(f"[{sess.backend.name} backend, {sess.target.name}: prefill {len(result.prompt_ids)} tokens in "
-                   f"{result.prefill_s:.2f} s, {len(result.new_ids)} new tokens at {result.ms_per_token:.1f} ms/token]")
+        B.progress(f"[{sess.backend.name} backend, {sess.target.name}: time to first token {result.prefill_s:.2f} s "
+                   f"({len(result.prompt_ids)} prompt tokens), {len(result.new_ids)} new tokens at "
+                   f"{result.ms_per_token:.1f} ms/token]")
     return 0
 
 
@@ -225,14 +226,28 @@ def cmd_bench(args) -> int:
     device = resolve_device(specs, args.device, backend)
     policy = args.policy or specs.devices[device].default_policy
     target = target_from_specs(specs, device, policy, args.layout, args.model_spec)
-    packed = pack_weights(target, args.model, max_seq=args.tokens + 16, holds=policies_holding(specs, device, target.manifest["model"]))
+    from dtypeforge.runtime.generate import ContextTooLong
+    from dtypeforge.runtime.loader import read_config
+    from dtypeforge.runtime.target import model_env
+    config, config_path = read_config(Path(args.model))
+    context = model_env(target.manifest, config, config_path)["max_seq"]
+    need = max(args.depth + args.tokens, args.prefill) + 16       # the warm-up steps included
+    if need > context:
+        raise ContextTooLong(f"--depth {args.depth}, --tokens {args.tokens} and --prefill {args.prefill} need {need} "
+                             f"positions, beyond the model's context of {context} ({config_path})")
+    packed = pack_weights(target, args.model, max_seq=need, holds=policies_holding(specs, device, target.manifest["model"]))
     if backend == "cpu":
         from dtypeforge.runtime.bench import reference_ms_per_token
-        ms = reference_ms_per_token(target, packed, tokens=args.tokens)
-        print(f"target {target.name} on the numpy reference backend (CPU), {args.tokens} tokens: "
+        at = f" at context depth {args.depth}" if args.depth else ""
+        if args.prefill:
+            ms = reference_ms_per_token(target, packed, tokens=args.prefill)
+            print(f"target {target.name} on the numpy reference backend (CPU), prefill of {args.prefill} tokens: "
+                  f"{ms * args.prefill / 1e3:.2f} s = time to first token, {1e3 / ms:.2f} tokens/s")
+        ms = reference_ms_per_token(target, packed, tokens=args.tokens, depth=args.depth)
+        print(f"target {target.name} on the numpy reference backend (CPU), {args.tokens} tokens{at}: "
               f"{ms:.1f} ms/token, {1e3 / ms:.2f} tokens/s")
         return 0
-    r = run_bench(target, packed, tokens=args.tokens)
+    r = run_bench(target, packed, tokens=args.tokens, depth=args.depth, prefill=args.prefill)
     print_result(r)
     if args.timeline:
         from dtypeforge.runtime.bench import print_timeline, run_timeline
@@ -336,6 +351,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True), p.add_argument("--device", default="auto")
     p.add_argument("--policy"), p.add_argument("--layout", default="fused", help="fused (the fast path) or separate")
     p.add_argument("--tokens", type=_POSITIVE, default=128)
+    p.add_argument("--depth", type=_number(int, 0, what="an integer >= 0"), default=0,
+                   help="time the decode steps at this context depth (positions already in the KV cache)")
+    p.add_argument("--prefill", type=_number(int, 0, what="an integer >= 0"), default=0,
+                   help="also time the prefill of a prompt of this many tokens: time to first token and tokens/s")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cuda",
                    help="cpu: time the numpy reference backend instead")
     p.add_argument("--compare", choices=("hf", "generic"),

@@ -30,6 +30,9 @@ class BenchResult:
     in_graph: list[tuple[str, int, float, int]]  # (op [kernel], launches, ms per token it adds to the graph,
                                                  #  weight bytes its launches read per token)
     shaped: bool = True          # the entry points compiled for the model's shapes (else shapes as arguments)
+    depth: int = 0               # positions already in the context when the timed steps start
+    prefill_tokens: int = 0      # a prompt of this many tokens, prefilled as generate does (0: not measured)
+    prefill_ms: float = 0.0      # its prefill, up to the first token's logits
 
     @property
     def gbs(self) -> float:
@@ -113,13 +116,14 @@ def _feed_token(be, token: int = 1) -> None:
     be.drv.memcpy_htod(be.ptr["token"], be.token)
 
 
-def _replay_ms(be, graph, tokens: int) -> float:
-    """ms per replay of `graph`, `tokens` replays back to back from position 0."""
+def _replay_ms(be, graph, tokens: int, depth: int = 0) -> float:
+    """ms per replay of `graph`, `tokens` replays back to back from position `depth` (the context the
+    steps attend over: decode at depth D reads D cached positions per layer)."""
     drv = be.drv
-    be.pos[0] = 0
+    be.pos[0] = depth
     drv.memcpy_htod(be.ptr["pos"], be.pos)
     graph.launch()                                # warm
-    be.pos[0] = 0
+    be.pos[0] = depth
     drv.memcpy_htod(be.ptr["pos"], be.pos)
     start, end = drv.Event(), drv.Event()
     start.record(be.stream)
@@ -130,7 +134,7 @@ def _replay_ms(be, graph, tokens: int) -> float:
     return start.time_till(end) / tokens
 
 
-def graph_profile(be, full_ms: float, tokens: int) -> list[tuple[str, int, float]]:
+def graph_profile(be, full_ms: float, tokens: int, depth: int = 0) -> list[tuple[str, int, float]]:
     """What each op costs inside the graph, pipelined as it really runs: the step is captured again
     without that op's launches and the difference in replay time is its share. (Outputs are wrong
     in those replays; only their timing is used.) Unlike event timing, this sees the overlap that
@@ -146,11 +150,12 @@ def graph_profile(be, full_ms: float, tokens: int) -> list[tuple[str, int, float
         skip = {id(c) for c, _ in members}
         g = _Graph(be.stream, lambda: [c.run() for c in be.calls if id(c) not in skip])
         nbytes = weight_bytes_per_token([l for _, l in members], be.table)
-        out.append((name, len(members), full_ms - _replay_ms(be, g, tokens), nbytes))
+        out.append((name, len(members), full_ms - _replay_ms(be, g, tokens, depth), nbytes))
     return sorted(out, key=lambda r: -r[2])
 
 
-def run_bench(target, packed, tokens: int = 128, progress: bool = True, shaped: bool = True) -> BenchResult:
+def run_bench(target, packed, tokens: int = 128, progress: bool = True, shaped: bool = True, depth: int = 0,
+              prefill: int = 0) -> BenchResult:
     from .cuda import CudaBackend
     be = CudaBackend(target, packed, progress=progress, shaped=shaped)
     drv = be.drv
@@ -160,16 +165,21 @@ def run_bench(target, packed, tokens: int = 128, progress: bool = True, shaped: 
         be.reset()
         be.step(1, 0)
         be.greedy(1, 1, 8)                       # warm up
+        prefill_ms = 0.0
+        if prefill:       # a prompt goes through the decode step one token at a time, from position 0
+            _feed_token(be)
+            prefill_ms = _replay_ms(be, be.graph, prefill) * prefill
         _feed_token(be)
-        ms = _replay_ms(be, be.graph, tokens)
+        ms = _replay_ms(be, be.graph, tokens, depth)
         be.reset()
         t0 = time.perf_counter()
-        be.greedy(1, 0, tokens)
+        be.greedy(1, depth, tokens)
         ms_host = (time.perf_counter() - t0) * 1e3 / tokens
         prof = profile_kernels(be)
-        in_graph = graph_profile(be, ms, tokens)
+        in_graph = graph_profile(be, ms, tokens, depth)
         wb = weight_bytes_per_token(be.launches, be.table)
-        return BenchResult(target.name, gpu, tokens, ms, ms_host, wb, copy, prof, in_graph, be.shaped)
+        return BenchResult(target.name, gpu, tokens, ms, ms_host, wb, copy, prof, in_graph, be.shaped, depth,
+                           prefill, prefill_ms)
     finally:
         be.close()
 
@@ -248,13 +258,14 @@ def print_timeline(rows: list[TimelineRow], out=sys.stdout, top: int = 12) -> No
           f"started {r.started_us:+6.2f} us  released +{r.released_us:5.2f} us  after wait {r.after_wait_us:6.2f} us  {r.name}")
 
 
-def reference_ms_per_token(target, packed, tokens: int = 16) -> float:
-    """ms per decode step of the numpy reference backend (what `generate` costs without a GPU)."""
+def reference_ms_per_token(target, packed, tokens: int = 16, depth: int = 0) -> float:
+    """ms per decode step of the numpy reference backend (what `generate` costs without a GPU), the steps
+    starting at position `depth`."""
     from .reference import ReferenceBackend
     be = ReferenceBackend(target.manifest, packed)
     be.step(1, 0)                                          # first step rounds the weights once
     t0 = time.perf_counter()
-    for pos in range(1, tokens + 1):
+    for pos in range(depth + 1, depth + tokens + 1):
         be.step(1, pos)
     return (time.perf_counter() - t0) * 1e3 / tokens
 
@@ -262,7 +273,11 @@ def reference_ms_per_token(target, packed, tokens: int = 16) -> float:
 def print_result(r: BenchResult, out=sys.stdout, top: int = 12) -> None:
     p = lambda *a: print(*a, file=out)
     kind = "kernels compiled for this model's shapes" if r.shaped else "generic kernels (shapes as arguments)"
-    p(f"target {r.target} on {r.gpu}, {r.tokens} tokens, {kind}")
+    at = f" at context depth {r.depth}" if r.depth else ""
+    p(f"target {r.target} on {r.gpu}, {r.tokens} tokens{at}, {kind}")
+    if r.prefill_tokens:
+        p(f"  prefill, {r.prefill_tokens} tokens:   {r.prefill_ms:8.2f} ms = time to first token, "
+          f"{r.prefill_tokens / (r.prefill_ms * 1e-3):8.0f} tokens/s (one decode step per prompt token)")
     p(f"  device-to-device copy bandwidth (this run): {r.copy_gbs:8.1f} GB/s")
     p(f"  weight bytes read per token:                {r.weight_bytes / 1e6:8.1f} MB")
     p(f"  decode, graph replay:   {r.ms_per_token:8.3f} ms/token  {1e3 / r.ms_per_token:8.1f} tokens/s  "

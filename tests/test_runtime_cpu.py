@@ -256,3 +256,17 @@ def test_compile_cli_builds_the_entry_points_a_model_gets(tmp_path):
             assert name.encode() + b"\0" in data, name
         for name in not_want:
             assert name.encode() + b"\0" not in data, name
+
+
+def test_bench_at_depth_and_prefill_on_the_cpu(tmp_path):
+    """`bench --depth D --prefill N` times the decode steps after D positions and a prompt of N tokens (the
+    reference backend here; the GPU's replays take the same positions), and refuses more than the context."""
+    from dtypeforge.cli import main
+    from dtypeforge.runtime.synth import write_synthetic_model
+    model = write_synthetic_model(tmp_path / "m", seed=5)
+    r = subprocess.run([sys.executable, "-m", "dtypeforge.cli", "bench", "--model", str(model), "--backend", "cpu",
+                        "--tokens", "4", "--depth", "200", "--prefill", "8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "prefill of 8 tokens" in r.stdout and "time to first token" in r.stdout
+    assert "4 tokens at context depth 200" in r.stdout
+    assert main(["bench", "--model", str(model), "--backend", "cpu", "--depth", "250"]) == 1   # 256 positions
