@@ -212,13 +212,14 @@ def _prepare(specs: Specs, model_dir, device: str, policy: str | None, layout: s
     ckpt = load_checkpoint(model_dir)          # config and tensor headers: refused here, before any progress output
     env = model_env(target.manifest, ckpt.config, ckpt.config_path)
     check_config(target.manifest, ckpt.config, ckpt.config_path, env)
-    return model_dir, kind, device, policy, target, env, HFTokenizer(model_dir)
+    return ckpt, kind, device, policy, target, env, HFTokenizer(model_dir)
 
 
-def _engine(specs, model_dir, kind, device, policy, target, tok, max_seq: int, progress: bool) -> Engine:
+def _engine(specs, ckpt, kind, device, policy, target, tok, max_seq: int, progress: bool) -> Engine:
     if progress:
         print(f"[{target.name} on the {kind} backend]", file=sys.stderr, flush=True)
-    packed = pack_weights(target, model_dir, max_seq=max_seq, progress=progress, holds=policies_holding(specs, device, target.manifest["model"]))
+    packed = pack_weights(target, ckpt.dir, max_seq=max_seq, checkpoint=ckpt, progress=progress,
+                          holds=policies_holding(specs, device, target.manifest["model"]))
     if kind == "cuda":
         from dtypeforge.runtime.cuda import CudaBackend
         be = CudaBackend(target, packed, progress=progress)
@@ -233,8 +234,8 @@ def open_engine(specs: Specs, model_dir, device: str = "auto", policy: str | Non
     """An engine whose KV cache holds ``max_seq`` positions (at most the model's context)."""
     if isinstance(max_seq, bool) or not isinstance(max_seq, int) or max_seq < 2:
         raise UsageError(f"max_seq must be an int of at least 2, found {max_seq!r}")
-    model_dir, kind, device, policy, target, env, tok = _prepare(specs, model_dir, device, policy, layout, backend)
-    return _engine(specs, model_dir, kind, device, policy, target, tok, min(max_seq, env["max_seq"]), progress)
+    ckpt, kind, device, policy, target, env, tok = _prepare(specs, model_dir, device, policy, layout, backend)
+    return _engine(specs, ckpt, kind, device, policy, target, tok, min(max_seq, env["max_seq"]), progress)
 
 
 def open_session(specs: Specs, model_dir, device: str = "auto", policy: str | None = None, layout: str = "fused",
@@ -244,8 +245,8 @@ def open_session(specs: Specs, model_dir, device: str = "auto", policy: str | No
     the KV cache sized for exactly the prompt and its new tokens."""
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, found {max_new_tokens}")
-    model_dir, kind, device, policy, target, env, tok = _prepare(specs, model_dir, device, policy, layout, backend)
+    ckpt, kind, device, policy, target, env, tok = _prepare(specs, model_dir, device, policy, layout, backend)
     prompt_ids = encode_prompt(tok, prompt, chat)
     check_context(len(prompt_ids), max_new_tokens, env["max_seq"])
-    engine = _engine(specs, model_dir, kind, device, policy, target, tok, len(prompt_ids) + max_new_tokens, progress)
+    engine = _engine(specs, ckpt, kind, device, policy, target, tok, len(prompt_ids) + max_new_tokens, progress)
     return Session(engine, prompt_ids, max_new_tokens)

@@ -416,13 +416,14 @@ def _pack(ckpt: Checkpoint, job: _Job, holds: Holds | None = None) -> tuple[np.n
 
 
 def pack_weights(target: Target, model_dir: Path | str, *, max_seq: int | None = None,
-                 progress: bool = True, holds: Holds | None = None) -> PackedModel:
-    """Every buffer of ``target``'s packing table, packed from the checkpoint in ``model_dir``.
+                 progress: bool = True, holds: Holds | None = None, checkpoint: Checkpoint | None = None) -> PackedModel:
+    """Every buffer of ``target``'s packing table, packed from the checkpoint in ``model_dir``
+    (``checkpoint``: that directory already opened by ``load_checkpoint``, whose headers are not read twice).
 
     Arrays are read-only: packed weights that are identical by construction (same sources,
     same transforms, e.g. a tied lm_head stored like the embedding) are one shared array,
     so writing through one name must not change another."""
-    ckpt = load_checkpoint(model_dir)
+    ckpt = checkpoint if checkpoint is not None else load_checkpoint(model_dir)
     env = model_env(target.manifest, ckpt.config, ckpt.config_path, max_seq=max_seq)
     check_llama_config(env, ckpt.config, ckpt.config_path)
     check_config(target.manifest, ckpt.config, ckpt.config_path, env)
