@@ -10,7 +10,7 @@ x, ``{x}`` a mapping from names to x, ``any`` any JSON value.
 """
 from __future__ import annotations
 
-SCHEMA = 2
+SCHEMA = 3
 
 
 class ContractError(ValueError):
@@ -22,6 +22,11 @@ _HEADER = {"schema": "int", "generated": "str", "inputs": "str", "target": "str"
 
 _ARG = {"param": "str", "kind": "str", "buffer": "str?", "dtype": "str?", "shape": "[expr]?", "weight": "bool?",
         "layer_slice": "bool?", "value": "expr?", "macro": "str?"}
+
+_STEP_OP = {"op": "str", "kernel": "str", "shaped_kernel": "str?", "per_layer": "bool", "grid": "expr", "block": "expr",
+            "smem": "expr", "grid_stride": "bool", "workspace": "expr?", "limits": {"{}": "int", "?": True},
+            "variants": [{"kernel": "str", "shaped_kernel": "str", "at_most": {"{}": "int"}, "grid": "expr"}, "?"],
+            "final": "bool?", "args": [_ARG]}
 
 MANIFEST = {
     **_HEADER,
@@ -35,12 +40,9 @@ MANIFEST = {
                  "scale": "str?", "scale_dtype": "str?"}],
     "kernels": [{"name": "str", "template": "str", "params": [{"name": "str", "kind": "str", "dtype": "str?"}],
                  "roles": {"{}": "str"}}],
-    "decode_step": [{"op": "str", "kernel": "str", "shaped_kernel": "str?", "per_layer": "bool", "grid": "expr",
-                     "block": "expr", "smem": "expr", "grid_stride": "bool", "workspace": "expr?",
-                     "limits": {"{}": "int", "?": True},
-                     "variants": [{"kernel": "str", "shaped_kernel": "str", "at_most": {"{}": "int"}, "grid": "expr"},
-                                  "?"],
-                     "args": [_ARG]}],
+    "decode_step": [_STEP_OP],
+    "prefill_chunk": "int",
+    "prefill_step": [_STEP_OP],
 }
 
 PACKING = {

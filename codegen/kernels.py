@@ -106,6 +106,23 @@ WARPS = 8          # warps per block of the row-parallel kernels: one warp per o
 ATTN_SPLIT = "{attn_threads}"
 ATTN_MAX_HEAD_DIM = 256  # attention's per-block arrays (q, each warp's output) hold this many dims
 _GEMV = (Param("w", "in", "w"), Param("scale", "in", "s", scale_of="w"))
+# ---- batched prefill: `m` token rows per launch (the spec binds it to `tokens`)
+GEMM_THREADS = 256       # dtf/gemm.cuh's block: 8 warps over a {gemm_bm} x {gemm_bn} tile of the output
+PREFILL_ATTN_BQ = 64     # dtf/prefill_attention.cuh: query rows per block
+PREFILL_ATTN_THREADS = 128
+_M = Param("m", "int")
+
+
+def tuned_sizes(tuning: dict[str, int]) -> dict[str, int]:
+    """Sizes that follow from the device's tuning, for the families' expressions: the GEMM tile's shared
+    memory in f32 elements (dtf/gemm.cuh's gemm_smem_bytes for its largest operand types)."""
+    bm, bn = tuning["gemm_bm"], tuning["gemm_bn"]
+    return {"gemm_smem_elems": max(bm * (bn + 4), 3 * (bm + bn) * 64 * 4 // 4)}
+# The GEMM tiles' grid, token tiles fastest, so the blocks that share a weight tile run together and it
+# is read from DRAM once: {gemm_bn} output channels per block, or half as many for the fused epilogues
+# whose tile pairs two channels (gate with up, a rotary pair's two halves).
+_GEMM_GRID = "cdiv(m, {gemm_bm}) * cdiv(%s, {gemm_bn})"
+_GEMM_PAIR_GRID = "cdiv(m, {gemm_bm}) * cdiv(%s, {gemm_bn} // 2)"
 _NORM_IN = (Param("x", "in", "x"), Param("gamma", "in", "g"))
 _MAIN = ("compute", "accumulate")
 _NORM = {"norm": ("compute", "accumulate", "output")}
@@ -171,6 +188,45 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  {**_NORM, "": _MAIN}, f"cdiv(rows, {2 * WARPS})", f"{32 * WARPS}", "2 * cols", grid_stride=True),
     # rmsnorm -> GEMV -> argmax -> pos += 1: the step's last three launches in one. Each block publishes
     # its best row in the workspace (after a counter); the last block to finish picks the token.
+    # ---- batched prefill: the same ops over m token rows (prefill_step), the decode step's rounding points
+    KernelFamily("embedding_gather_rows",
+                 (Param("table", "in", "t"), Param("ids", "index_in"), Param("out", "out", "y"), _M, Param("hidden", "int")),
+                 {}, "cdiv(m * hidden, 256)", "256"),
+    KernelFamily("rmsnorm_rows",
+                 _NORM_IN + (Param("y", "out", "y"), _M, Param("n", "int"), Param("eps", "float")),
+                 {"": _MAIN}, "m", "256"),
+    KernelFamily("gemm",                  # y = x W^T over m rows (dtf/gemm.cuh)
+                 _GEMV + (Param("x", "in", "x"), Param("y", "out", "y"), _M, Param("rows", "int"), Param("cols", "int")),
+                 {"": _MAIN}, _GEMM_GRID % "rows", f"{GEMM_THREADS}", "{gemm_smem_elems}"),
+    KernelFamily("gemm_residual",         # x += a W^T (the GEMM rounded to output, then the residual add)
+                 _GEMV + (Param("a", "in", "x"), Param("x", "inout", "h"), _M, Param("rows", "int"), Param("cols", "int")),
+                 {"": _MAIN + ("output",), "act": ("compute",)}, _GEMM_GRID % "rows", f"{GEMM_THREADS}", "{gemm_smem_elems}"),
+    KernelFamily("gemm_swiglu",           # gate/up GEMM (fused rows) -> SiLU(gate) * up
+                 _GEMV + (Param("x", "in", "x"), Param("y", "out", "y"), _M, Param("rows", "int"), Param("cols", "int")),
+                 {"": _MAIN + ("output",), "act": ("compute",)}, _GEMM_PAIR_GRID % "rows", f"{GEMM_THREADS}", "{gemm_smem_elems}"),
+    KernelFamily("gemm_rope_kv",          # q/k/v GEMM (fused rows) -> RoPE at pos + row -> q out, k/v into the caches
+                 _GEMV + (Param("x", "in", "x"), Param("q", "out", "q"), Param("k_cache", "out", "kc"), Param("v_cache", "out", "vc"),
+                          Param("pos", "index_in"), _M, Param("cols", "int"), Param("n_heads", "int"),
+                          Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("inv_freq", "in", "f")),
+                 {"": _MAIN + ("output",), "rope": ("compute",)},
+                 _GEMM_PAIR_GRID % "(n_heads + 2 * n_kv_heads) * (head_dim // 2)", f"{GEMM_THREADS}", "{gemm_smem_elems}"),
+    KernelFamily("rope_rows",
+                 (Param("q", "inout", "q"), Param("k", "inout", "k"), Param("pos", "index_in"), _M,
+                  Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("inv_freq", "in", "f")),
+                 {"": ("compute",)}, "m * (n_heads + n_kv_heads)", "head_dim // 2"),
+    KernelFamily("kv_append_rows",
+                 (Param("k", "in", "k"), Param("v", "in", "v"), Param("k_cache", "out", "kc"), Param("v_cache", "out", "vc"),
+                  Param("pos", "index_in"), _M, Param("kv_dim", "int")),
+                 {}, "cdiv(m * kv_dim, 256)", "256"),
+    # causal flash attention of m query rows at pos.. over cache rows 0..pos+row (dtf/prefill_attention.cuh)
+    KernelFamily("prefill_attention",
+                 (Param("q", "in", "q"), Param("k_cache", "in", "kc"), Param("v_cache", "in", "vc"), Param("out", "out", "y"),
+                  Param("pos", "index_in"), _M, Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int")),
+                 {"": _MAIN}, f"n_heads * cdiv(m, {PREFILL_ATTN_BQ})", f"{PREFILL_ATTN_THREADS}", "head_dim * 128",
+                 limits=(("head_dim", ATTN_MAX_HEAD_DIM),)),
+    KernelFamily("last_row",              # the block's last row, where the decode step's final norm and lm_head start
+                 (Param("xs", "in", "x"), Param("x", "out", "y"), _M, Param("hidden", "int")),
+                 {}, "cdiv(hidden, 256)", "256"),
     KernelFamily("norm_gemv_argmax",
                  _NORM_IN + _GEMV + (Param("y", "out", "y"), Param("token", "index_out"), Param("pos", "index_inout"),
                                      Param("rows", "int"), Param("cols", "int"), Param("eps", "float"),

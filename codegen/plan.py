@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from . import expr
 from .dtypes import DTYPES, DType
-from .kernels import C_DECL, FAMILIES, INDEX_KINDS, PREFETCH, PTR_KINDS, WORKSPACE, KernelFamily, field_short
+from .kernels import C_DECL, FAMILIES, tuned_sizes, INDEX_KINDS, PREFETCH, PTR_KINDS, WORKSPACE, KernelFamily, field_short
 from .specs import Device, ModelSpec, Policy, Specs, check_runs_on
 from .yamlsrc import SpecError
 
@@ -98,6 +98,7 @@ class Launch:
     workspace: str = "0"          # bytes of the kernel's scratch (its WORKSPACE parameter), expression
     limits: tuple[tuple[str, int], ...] = ()   # the CUDA template's bounds on int arguments (KernelFamily.limits)
     variants: tuple = ()          # KernelFamily.variants: entry points launched instead when their bounds hold
+    final: bool = False           # prefill: only after a prompt's last chunk
 
     def shaped(self, entry: str) -> str:
         """The entry point compiled for this launch's shapes (with -DDTF_SHAPED): `entry` (the kernel or one
@@ -120,7 +121,8 @@ class Plan:
     weights: dict[str, PackedWeight] = field(default_factory=dict)
     buffers: dict[str, Buffer] = field(default_factory=dict)
     kernels: dict[str, KernelInstance] = field(default_factory=dict)
-    launches: list[Launch] = field(default_factory=list)
+    launches: list[Launch] = field(default_factory=list)          # the decode step
+    prefill: list[Launch] = field(default_factory=list)           # the prefill step (a block of prompt tokens)
 
     def role_dtype(self, ref: str) -> str:
         """'<role>.<field>' -> dtype name, or 'index'."""
@@ -156,8 +158,9 @@ def resolve(specs: Specs, device: str, policy: str, layout: str, model: str | No
     plan = Plan(target_name(device, policy, layout, model), m, dev, pol, layout, roles)
     _resolve_weights(plan)
     _resolve_buffers(plan)
-    _resolve_launches(plan)
-    used = {a["buffer"] for l in plan.launches for a in l.args if "buffer" in a}
+    _resolve_launches(plan, m.decode_step, plan.launches, "decode_step")
+    _resolve_launches(plan, m.prefill_step, plan.prefill, "prefill_step")
+    used = {a["buffer"] for l in plan.launches + plan.prefill for a in l.args if "buffer" in a}
     plan.buffers = {n: b for n, b in plan.buffers.items() if n in used}
     return plan
 
@@ -203,11 +206,11 @@ def _resolve_buffers(plan: Plan) -> None:
         plan.buffers[b.name] = Buffer(b.name, plan.role_dtype(b.dtype), list(b.shape))
 
 
-def _resolve_launches(plan: Plan) -> None:
+def _resolve_launches(plan: Plan, ops, out: list[Launch], key: str) -> None:
     m = plan.model
     # int symbols fixed by the checkpoint: compiled into a CUDA target's shaped entry points (none on the CPU)
     fixed = {s for s, c in m.config.items() if c.type == "int" and not c.per_run} if plan.device.kind == "cuda" else set()
-    for op in m.decode_step:
+    for op in ops:
         if not _in_layout(op.layout, plan.layout):
             continue
         fam = FAMILIES[op.kernel]
@@ -233,7 +236,7 @@ def _resolve_launches(plan: Plan) -> None:
             v = op.args[prm.name]
             if prm.kind == PREFETCH:            # a hint: any weight of the layout; no dtype in the signature
                 if v not in plan.weights:
-                    raise m.src.error(("decode_step",), v, f"op {op.op} prefetches {v}, which layout {plan.layout} lacks")
+                    raise m.src.error((key,), v, f"op {op.op} prefetches {v}, which layout {plan.layout} lacks")
                 w = plan.weights[v]
                 args.append({"param": prm.name, "kind": prm.kind, "buffer": w.name, "dtype": w.storage,
                              "shape": w.shape, "weight": True})
@@ -246,7 +249,7 @@ def _resolve_launches(plan: Plan) -> None:
                          "shape": w.shape, "weight": True}
                 else:
                     if base not in plan.buffers:
-                        raise m.src.error(("decode_step",), v, f"op {op.op} binds {base}, which layout {plan.layout} lacks")
+                        raise m.src.error((key,), v, f"op {op.op} binds {base}, which layout {plan.layout} lacks")
                     b = plan.buffers[base]
                     a = {"param": prm.name, "kind": prm.kind, "buffer": base, "dtype": b.dtype,
                          "shape": b.shape[1:] if layer else b.shape, "weight": False}
@@ -270,15 +273,16 @@ def _resolve_launches(plan: Plan) -> None:
         tuned = _tuned(plan.device.tuning)
         variants = tuple(replace(v, at_most=tuple((n, int(tuned(b))) for n, b in v.at_most), grid=tuned(v.grid))
                          for v in fam.variants)
-        plan.launches.append(Launch(op.op, name, op.per_layer, args, tuned(fam.grid), tuned(fam.block), smem,
-                                    fam.grid_stride, tuned(fam.workspace), fam.limits, variants))
-        plan.kernels[name].launches.append(plan.launches[-1])
+        out.append(Launch(op.op, name, op.per_layer, args, tuned(fam.grid), tuned(fam.block), tuned(smem),
+                          fam.grid_stride, tuned(fam.workspace), fam.limits, variants, op.final))
+        plan.kernels[name].launches.append(out[-1])
 
 
 def _tuned(tuning: dict[str, int]):
     """Fills a family expression's ``{knob}`` placeholders (e.g. attention's ``{attn_threads}``) with
-    the device spec's tuning values."""
-    return lambda expr: str(expr).format_map(tuning)
+    the device spec's tuning values, and the sizes derived from them (kernels.tuned_sizes)."""
+    values = {**tuning, **tuned_sizes(tuning)}
+    return lambda expr: str(expr).format_map(values)
 
 
 def instance_name(fam: KernelFamily, dtypes: dict[str, str]) -> str:

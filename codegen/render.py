@@ -87,18 +87,25 @@ def manifest(plan: Plan, digest: str) -> dict:
              "roles": {f: k.dtypes[f] for f in k.family.role_fields}}
             for k in sorted(plan.kernels.values(), key=lambda k: k.name)
         ],
-        "decode_step": [
-            {"op": l.op, "kernel": l.kernel, **({"shaped_kernel": l.shaped(l.kernel)} if cuda else {}), "per_layer": l.per_layer, "grid": l.grid, "block": l.block, "smem": l.smem,
-             "grid_stride": l.grid_stride,
-             **({"workspace": l.workspace} if l.workspace != "0" else {}),
-             **({"limits": dict(l.limits)} if l.limits and cuda else {}),
-             **({"variants": [{"kernel": f"{l.kernel}_{v.suffix}", "shaped_kernel": l.shaped(f"{l.kernel}_{v.suffix}"),
-                               "at_most": dict(v.at_most), "grid": v.grid}
-                              for v in l.variants]} if l.variants and cuda else {}),
-             "args": l.args}
-            for l in plan.launches
-        ],
+        "decode_step": _step(plan.launches, cuda),
+        "prefill_chunk": plan.device.tuning["prefill_chunk"],
+        "prefill_step": _step(plan.prefill, cuda),
     }
+
+
+def _step(launches, cuda: bool) -> list[dict]:
+    return [
+        {"op": l.op, "kernel": l.kernel, **({"shaped_kernel": l.shaped(l.kernel)} if cuda else {}), "per_layer": l.per_layer,
+         "grid": l.grid, "block": l.block, "smem": l.smem, "grid_stride": l.grid_stride,
+         **({"workspace": l.workspace} if l.workspace != "0" else {}),
+         **({"limits": dict(l.limits)} if l.limits and cuda else {}),
+         **({"variants": [{"kernel": f"{l.kernel}_{v.suffix}", "shaped_kernel": l.shaped(f"{l.kernel}_{v.suffix}"),
+                           "at_most": dict(v.at_most), "grid": v.grid}
+                          for v in l.variants]} if l.variants and cuda else {}),
+         **({"final": True} if l.final else {}),
+         "args": l.args}
+        for l in launches
+    ]
 
 
 def packing(plan: Plan, digest: str) -> dict:

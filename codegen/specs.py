@@ -36,8 +36,17 @@ CAPABILITIES = {"native_f16_arith": bool, "native_bf16_arith": bool, "fp8_conver
 #   gemv_rotate_batches: a GEMV warp whose rows take at least this many batches starts each row at the
 #     batch its warp index selects (rotated), not at the row's first (0: never); the same products and
 #     sums, added in another order
+#   prefill_chunk: prompt tokens one prefill launch takes at most (longer prompts go in chunks); the
+#     prefill buffers hold this many rows
+#   gemm_bm, gemm_bn: the prefill GEMMs' block tile, token rows x output channels (dtf/gemm.cuh)
 TUNING = {"gemv_loads": (8, (2, 4, 8, 16)), "l2_prefetch_kib": (0, (0, 1024, 2048, 4096, 8192, 16384, 32768)),
-          "attn_threads": (512, (128, 256, 512)), "gemv_rotate_batches": (0, (0, 2, 3, 4, 8, 16))}
+          "attn_threads": (512, (128, 256, 512)), "gemv_rotate_batches": (0, (0, 2, 3, 4, 8, 16)),
+          "prefill_chunk": (256, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
+          "gemm_bm": (128, (64, 128)), "gemm_bn": (64, (64, 128))}
+# Symbols of a run that no config.json holds, usable in the model spec's expressions: `chunk`, the rows
+# the prefill buffers hold (the device's prefill_chunk, capped to the run's context), in buffer shapes;
+# `tokens`, the prompt rows one prefill launch processes (1..chunk), in prefill_step arguments.
+CHUNK, TOKENS = "chunk", "tokens"
 PREFETCH_MIN_ARCH = 90   # cp.async.bulk.prefetch.L2
 CONFIG_TYPES = {"int": int, "float": float, "bool": bool}
 
@@ -180,6 +189,7 @@ class OpDef:
     layout: str | None
     args: dict[str, str]
     dependents: str = DEPENDENTS[0]   # when the next launch may start (programmatic dependent launch)
+    final: bool = False               # prefill: runs only after a prompt's last chunk (its last token's logits)
 
 
 @dataclass
@@ -197,13 +207,14 @@ class ModelSpec:
     weights: dict[str, WeightDef]
     buffers: dict[str, BufferDef]
     decode_step: list[OpDef]
+    prefill_step: list[OpDef] = field(default_factory=list)
 
 
 def load_model(path: Path) -> ModelSpec:
     src = load(path)
     d = _mapping(src, (), src.data, {"name": str, "architectures": list, "config": dict, "rope": dict, "gate": dict,
                                      "roles": dict, "tensors": dict, "layouts": dict, "weights": dict, "buffers": dict,
-                                     "decode_step": list}, {"ignored_tensors": list})
+                                     "decode_step": list}, {"ignored_tensors": list, "prefill_step": list})
     _ident(src, ("name",), d["name"], NAME, "a lowercase name")
     if d["name"] != path.stem:
         raise src.error(("name",), d["name"], f"must equal the file name '{path.stem}'")
@@ -212,6 +223,8 @@ def load_model(path: Path) -> ModelSpec:
     for s, c in d["config"].items():
         p = ("config", s)
         _ident(src, p, s)
+        if s in (CHUNK, TOKENS):
+            raise src.error(p, s, f"{CHUNK} and {TOKENS} are the run's prefill symbols; name the config symbol otherwise")
         _mapping(src, p, c, {"hf": (str, list), "type": str}, {"default": (int, float, bool, str), "per_run": bool})
         hf = (c["hf"],) if isinstance(c["hf"], str) else tuple(c["hf"])
         for i, k in enumerate(hf):
@@ -351,70 +364,88 @@ def load_model(path: Path) -> ModelSpec:
             role, _, fld = bd["dtype"].partition(".")
             if role not in roles or fld not in roles[role]:
                 raise src.error(p + ("dtype",), bd["dtype"], "must be 'index' or <role>.<field> with a field the role has")
-        shape = tuple(_shape_dim(src, p + ("shape", i), e, ints) for i, e in enumerate(bd["shape"]))
+        shape = tuple(_shape_dim(src, p + ("shape", i), e, ints + [CHUNK]) for i, e in enumerate(bd["shape"]))
         buffers[b] = BufferDef(b, bd["dtype"], shape, layout_ref(p + ("layout",), bd.get("layout")))
 
-    decode_step = []
-    for n, od in enumerate(d["decode_step"]):
-        p = ("decode_step", n)
-        if not isinstance(od, dict):
-            raise src.error(p, od, "expected a mapping {op, kernel, args, ...}")
-        fam = FAMILIES.get(od.get("kernel"))
-        if fam is None:
-            raise src.error(p + ("kernel",), od.get("kernel", "<no 'kernel'>"), _allowed(FAMILIES))
-        slot_keys = {f"{slot}_role" if slot else "role": str for slot in fam.slots}
-        _mapping(src, p, od, {"op": str, "kernel": str, "args": dict}, {"per_layer": bool, "layout": str, "dependents": str, **slot_keys})
-        _ident(src, p + ("op",), od["op"])
-        op_roles = {}
-        for slot, fields in fam.slots.items():
-            key = f"{slot}_role" if slot else "role"
-            role = od.get(key)
-            if role not in roles:
-                raise src.error(p + (key,), role if role is not None else f"<no '{key}'>",
-                                f"kernel {fam.template} computes in the dtypes of a role given by '{key}'; {_allowed(roles)}")
-            missing = [f for f in fields if f not in roles[role]]
-            if missing:
-                raise src.error(p + (key,), role, f"kernel {fam.template} needs {key} to have fields {list(fields)}")
-            op_roles[slot] = role
-        dependents = od.get("dependents", DEPENDENTS[0])
-        if dependents not in DEPENDENTS:
-            raise src.error(p + ("dependents",), dependents, _allowed(DEPENDENTS))
-        args = {}
-        names = [q.name for q in fam.spec_params]
-        for a, v in od["args"].items():
-            if a not in names:
-                raise src.error(p + ("args", a), a, f"kernel {fam.template} takes {', '.join(names)}")
-        for prm in fam.spec_params:
-            ap = p + ("args", prm.name)
-            if prm.name not in od["args"]:
-                raise src.error(p + ("args",), f"<no '{prm.name}'>", f"kernel {fam.template} takes {', '.join(names)}")
-            v = od["args"][prm.name]
-            if prm.kind in PTR_KINDS or prm.kind in INDEX_KINDS:
-                m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(\[i\])?", str(v))
-                target = m and m.group(1)
-                if not m or (target not in buffers and target not in weights):
-                    raise src.error(ap, v, "must name a buffer or weight (optionally `cache[i]` for layer i's slice); "
-                                    + _allowed(list(buffers) + list(weights)))
-                if (target in weights) and prm.kind != "in":
-                    raise src.error(ap, v, f"weights are read-only; parameter {prm.name} is {prm.kind}")
-                is_index = target in buffers and buffers[target].dtype == "index"
-                if is_index != (prm.kind in INDEX_KINDS):
-                    raise src.error(ap, v, f"parameter {prm.name} wants {'an index' if prm.kind in INDEX_KINDS else 'a dtype-policy'} buffer")
-                if m.group(2) and not od.get("per_layer"):
-                    raise src.error(ap, v, "[i] slices only make sense in per_layer ops")
-                args[prm.name] = str(v)
-            elif prm.kind == PREFETCH:
-                if not isinstance(v, str) or v not in weights:
-                    raise src.error(ap, v, f"parameter {prm.name} names a packed weight the kernel prefetches to L2; "
-                                    + _allowed(list(weights)))
-                args[prm.name] = v
-            else:
-                syms = ints + floats if prm.kind == "float" else ints
-                args[prm.name] = _expr(src, ap, v, syms)
-        decode_step.append(OpDef(od["op"], od["kernel"], op_roles, od.get("per_layer", False),
-                                 layout_ref(p + ("layout",), od.get("layout")), args, dependents))
+    def load_step(key: str, syms: list[str]) -> list[OpDef]:
+        return [_load_op(src, (key, n), od, key == "prefill_step", roles, buffers, weights, syms, floats, layout_ref)
+                for n, od in enumerate(d.get(key, []))]
+
+    decode_step = load_step("decode_step", ints)
+    prefill_step = load_step("prefill_step", ints + [CHUNK, TOKENS])
+    # an op's name is its kernels' entry name (<kernel>__<op>), so one name serves one op of a target
+    seen: dict[str, tuple[str, str | None]] = {}
+    for key, step in (("decode_step", decode_step), ("prefill_step", prefill_step)):
+        for n, op in enumerate(step):
+            if op.op in seen and (seen[op.op][1] is None or op.layout is None or seen[op.op][1] == op.layout):
+                raise src.error((key, n, "op"), op.op, f"an op name is its kernel's entry name in a target, so it "
+                                f"may appear once per layout (it is already in {seen[op.op][0]})")
+            seen[op.op] = (key, op.layout)
     return ModelSpec(d["name"], src, tuple(d["architectures"]), rope, gate, tuple(ignored), config, roles, tensors,
-                     layouts, weights, buffers, decode_step)
+                     layouts, weights, buffers, decode_step, prefill_step)
+
+
+def _load_op(src: Source, p: tuple, od: Any, prefill: bool, roles, buffers, weights, ints: list[str], floats: list[str],
+             layout_ref) -> OpDef:
+    """One op of a step (decode_step, or prefill_step, whose ops may also be `final`)."""
+    if not isinstance(od, dict):
+        raise src.error(p, od, "expected a mapping {op, kernel, args, ...}")
+    fam = FAMILIES.get(od.get("kernel"))
+    if fam is None:
+        raise src.error(p + ("kernel",), od.get("kernel", "<no 'kernel'>"), _allowed(FAMILIES))
+    slot_keys = {f"{slot}_role" if slot else "role": str for slot in fam.slots}
+    _mapping(src, p, od, {"op": str, "kernel": str, "args": dict}, {"per_layer": bool, "layout": str, "dependents": str, **({"final": bool} if prefill else {}), **slot_keys})
+    _ident(src, p + ("op",), od["op"])
+    op_roles = {}
+    for slot, fields in fam.slots.items():
+        key = f"{slot}_role" if slot else "role"
+        role = od.get(key)
+        if role not in roles:
+            raise src.error(p + (key,), role if role is not None else f"<no '{key}'>",
+                            f"kernel {fam.template} computes in the dtypes of a role given by '{key}'; {_allowed(roles)}")
+        missing = [f for f in fields if f not in roles[role]]
+        if missing:
+            raise src.error(p + (key,), role, f"kernel {fam.template} needs {key} to have fields {list(fields)}")
+        op_roles[slot] = role
+    dependents = od.get("dependents", DEPENDENTS[0])
+    if dependents not in DEPENDENTS:
+        raise src.error(p + ("dependents",), dependents, _allowed(DEPENDENTS))
+    args = {}
+    names = [q.name for q in fam.spec_params]
+    for a, v in od["args"].items():
+        if a not in names:
+            raise src.error(p + ("args", a), a, f"kernel {fam.template} takes {', '.join(names)}")
+    for prm in fam.spec_params:
+        ap = p + ("args", prm.name)
+        if prm.name not in od["args"]:
+            raise src.error(p + ("args",), f"<no '{prm.name}'>", f"kernel {fam.template} takes {', '.join(names)}")
+        v = od["args"][prm.name]
+        if prm.kind in PTR_KINDS or prm.kind in INDEX_KINDS:
+            m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)(\[i\])?", str(v))
+            target = m and m.group(1)
+            if not m or (target not in buffers and target not in weights):
+                raise src.error(ap, v, "must name a buffer or weight (optionally `cache[i]` for layer i's slice); "
+                                + _allowed(list(buffers) + list(weights)))
+            if (target in weights) and prm.kind != "in":
+                raise src.error(ap, v, f"weights are read-only; parameter {prm.name} is {prm.kind}")
+            is_index = target in buffers and buffers[target].dtype == "index"
+            if is_index != (prm.kind in INDEX_KINDS):
+                raise src.error(ap, v, f"parameter {prm.name} wants {'an index' if prm.kind in INDEX_KINDS else 'a dtype-policy'} buffer")
+            if m.group(2) and not od.get("per_layer"):
+                raise src.error(ap, v, "[i] slices only make sense in per_layer ops")
+            args[prm.name] = str(v)
+        elif prm.kind == PREFETCH:
+            if not isinstance(v, str) or v not in weights:
+                raise src.error(ap, v, f"parameter {prm.name} names a packed weight the kernel prefetches to L2; "
+                                + _allowed(list(weights)))
+            args[prm.name] = v
+        else:
+            syms = ints + floats if prm.kind == "float" else ints
+            args[prm.name] = _expr(src, ap, v, syms)
+    if od.get("final") and od.get("per_layer"):
+        raise src.error(p + ("final",), True, "a final op runs once after the last layer; it cannot be per_layer")
+    return OpDef(od["op"], od["kernel"], op_roles, od.get("per_layer", False),
+                 layout_ref(p + ("layout",), od.get("layout")), args, dependents, od.get("final", False))
 
 
 # ----------------------------------------------------------------------------- policies

@@ -237,12 +237,12 @@ def cmd_bench(args) -> int:
                              f"positions, beyond the model's context of {context} ({config_path})")
     packed = pack_weights(target, args.model, max_seq=need, holds=policies_holding(specs, device, target.manifest["model"]))
     if backend == "cpu":
-        from dtypeforge.runtime.bench import reference_ms_per_token
+        from dtypeforge.runtime.bench import reference_ms_per_token, reference_prefill_ms
         at = f" at context depth {args.depth}" if args.depth else ""
         if args.prefill:
-            ms = reference_ms_per_token(target, packed, tokens=args.prefill)
+            ms = reference_prefill_ms(target, packed, args.prefill)
             print(f"target {target.name} on the numpy reference backend (CPU), prefill of {args.prefill} tokens: "
-                  f"{ms * args.prefill / 1e3:.2f} s = time to first token, {1e3 / ms:.2f} tokens/s")
+                  f"{ms / 1e3:.2f} s = time to first token, {args.prefill / (ms * 1e-3):.2f} tokens/s")
         ms = reference_ms_per_token(target, packed, tokens=args.tokens, depth=args.depth)
         print(f"target {target.name} on the numpy reference backend (CPU), {args.tokens} tokens{at}: "
               f"{ms:.1f} ms/token, {1e3 / ms:.2f} tokens/s")

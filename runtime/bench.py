@@ -12,7 +12,9 @@ import math
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from .binding import BoundLaunch
 
@@ -33,6 +35,9 @@ class BenchResult:
     depth: int = 0               # positions already in the context when the timed steps start
     prefill_tokens: int = 0      # a prompt of this many tokens, prefilled as generate does (0: not measured)
     prefill_ms: float = 0.0      # its prefill, up to the first token's logits
+    prefill_chunk: int = 0       # rows per prefill launch
+    prefill_profile: list[tuple[str, int, float, float]] = field(default_factory=list)
+                                 # (op [kernel], launches, ms per prompt, TFLOP/s of its GEMMs or 0)
 
     @property
     def gbs(self) -> float:
@@ -154,6 +159,37 @@ def graph_profile(be, full_ms: float, tokens: int, depth: int = 0) -> list[tuple
     return sorted(out, key=lambda r: -r[2])
 
 
+def time_prefill(be, n: int, reps: int = 5) -> tuple[float, list[tuple[str, int, float, float]]]:
+    """The prefill of an n-token prompt from position 0 as generate runs it, up to the first token's
+    logits on the host (median of `reps` after a warm-up that captures the chunk's graph), and each op's
+    share: its launches of one full chunk timed alone with events, scaled to the prompt's chunks."""
+    rng = np.random.default_rng(0)
+    ids = [int(t) for t in rng.integers(0, be.env["vocab"], size=n)]
+    be.reset()
+    be.prefill(ids, 0)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        be.prefill(ids, 0)
+        times.append((time.perf_counter() - t0) * 1e3)
+    chunk = min(n, be.env["chunk"])
+    body, _ = be.prefill_calls(chunk)
+    per_op: dict[str, list] = defaultdict(lambda: [0, 0.0, 0])
+    for call in body:
+        s, e = be.drv.Event(), be.drv.Event()
+        s.record(be.stream)
+        call.run()
+        e.record(be.stream)
+        e.synchronize()
+        row = per_op[f"{call.launch.op} [{call.launch.kernel}]"]
+        row[0] += 1
+        row[1] += s.time_till(e) * n / chunk
+        w = next((a for a in call.launch.args if a.param == "w"), None)
+        row[2] += 2 * chunk * math.prod(w.shape) if w is not None else 0
+    prof = [(k, c, ms, flops * n / chunk / (ms * 1e-3) / 1e12 if flops else 0.0) for k, (c, ms, flops) in per_op.items()]
+    return float(np.median(times)), sorted(prof, key=lambda r: -r[2])
+
+
 def run_bench(target, packed, tokens: int = 128, progress: bool = True, shaped: bool = True, depth: int = 0,
               prefill: int = 0) -> BenchResult:
     from .cuda import CudaBackend
@@ -165,10 +201,9 @@ def run_bench(target, packed, tokens: int = 128, progress: bool = True, shaped: 
         be.reset()
         be.step(1, 0)
         be.greedy(1, 1, 8)                       # warm up
-        prefill_ms = 0.0
-        if prefill:       # a prompt goes through the decode step one token at a time, from position 0
-            _feed_token(be)
-            prefill_ms = _replay_ms(be, be.graph, prefill) * prefill
+        prefill_ms, pprof = 0.0, []
+        if prefill:
+            prefill_ms, pprof = time_prefill(be, prefill)
         _feed_token(be)
         ms = _replay_ms(be, be.graph, tokens, depth)
         be.reset()
@@ -179,7 +214,7 @@ def run_bench(target, packed, tokens: int = 128, progress: bool = True, shaped: 
         in_graph = graph_profile(be, ms, tokens, depth)
         wb = weight_bytes_per_token(be.launches, be.table)
         return BenchResult(target.name, gpu, tokens, ms, ms_host, wb, copy, prof, in_graph, be.shaped, depth,
-                           prefill, prefill_ms)
+                           prefill, prefill_ms, be.env["chunk"], pprof)
     finally:
         be.close()
 
@@ -270,6 +305,16 @@ def reference_ms_per_token(target, packed, tokens: int = 16, depth: int = 0) -> 
     return (time.perf_counter() - t0) * 1e3 / tokens
 
 
+def reference_prefill_ms(target, packed, n: int) -> float:
+    """ms to prefill an n-token prompt on the numpy reference backend (batched, as generate runs it)."""
+    from .reference import ReferenceBackend
+    be = ReferenceBackend(target.manifest, packed)
+    ids = [int(t) for t in np.random.default_rng(0).integers(0, be.env["vocab"], size=n)]
+    t0 = time.perf_counter()
+    be.prefill(ids, 0)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def print_result(r: BenchResult, out=sys.stdout, top: int = 12) -> None:
     p = lambda *a: print(*a, file=out)
     kind = "kernels compiled for this model's shapes" if r.shaped else "generic kernels (shapes as arguments)"
@@ -277,7 +322,11 @@ def print_result(r: BenchResult, out=sys.stdout, top: int = 12) -> None:
     p(f"target {r.target} on {r.gpu}, {r.tokens} tokens{at}, {kind}")
     if r.prefill_tokens:
         p(f"  prefill, {r.prefill_tokens} tokens:   {r.prefill_ms:8.2f} ms = time to first token, "
-          f"{r.prefill_tokens / (r.prefill_ms * 1e-3):8.0f} tokens/s (one decode step per prompt token)")
+          f"{r.prefill_tokens / (r.prefill_ms * 1e-3):8.0f} tokens/s (batched, chunks of {r.prefill_chunk} tokens)")
+        total = sum(t for _, _, t, _ in r.prefill_profile)
+        p(f"  prefill per op (launches timed alone, {total:.3f} ms in kernels):")
+        for name, n, t, tf in r.prefill_profile[:top]:
+            p(f"    {t:8.3f} ms  {100 * t / total:5.1f}%  x{n:<4d} {f'{tf:6.1f} TFLOP/s' if tf else ' ' * 13}  {name}")
     p(f"  device-to-device copy bandwidth (this run): {r.copy_gbs:8.1f} GB/s")
     p(f"  weight bytes read per token:                {r.weight_bytes / 1e6:8.1f} MB")
     p(f"  decode, graph replay:   {r.ms_per_token:8.3f} ms/token  {1e3 / r.ms_per_token:8.1f} tokens/s  "

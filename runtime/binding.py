@@ -66,6 +66,7 @@ class BoundLaunch:
     grid_stride: bool = False    # the kernel is correct with any grid up to `grid`
     workspace: int = 0           # bytes of scratch the backend binds to the kernel's "workspace" argument
     shaped_kernel: str | None = None   # the entry compiled for this model's shapes (-DDTF_SHAPED), if any
+    final: bool = False          # prefill: runs only after a prompt's last chunk
 
 
 def dtype_name(arr: np.ndarray) -> str:
@@ -108,7 +109,7 @@ def _schedule(decode_step: list[dict], n_layers: int):
 def _check_limits(manifest: dict, env: dict) -> None:
     """A model beyond a kernel's limits (sizes its CUDA template fixes at compile time) is refused by
     name, before any buffer is looked at: it is the model's size, not a stale file, that is wrong."""
-    for launch in manifest["decode_step"]:
+    for launch in manifest["decode_step"] + manifest["prefill_step"]:
         for name, most in launch.get("limits", {}).items():
             value = evaluate(next(a["value"] for a in launch["args"] if a["param"] == name), env)
             if value > most:
@@ -116,11 +117,18 @@ def _check_limits(manifest: dict, env: dict) -> None:
                                 f"most its CUDA template supports; this model runs on the reference backend (--backend cpu)")
 
 
-def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundLaunch]:
+def bind(manifest: dict, env: dict, table: dict[str, BufferInfo], step: str = "decode_step",
+         tokens: int | None = None) -> list[BoundLaunch]:
+    """The launches of one step, bound: the decode step, or (step="prefill_step") one prefill launch of
+    `tokens` prompt rows, 1 <= tokens <= env["chunk"]."""
     _check_limits(manifest, env)
+    if step == "prefill_step":
+        if not 1 <= tokens <= env["chunk"]:
+            raise BindError(f"a prefill launch takes 1 to {env['chunk']} tokens (the prefill chunk), not {tokens}")
+        env = {**env, "tokens": tokens}
     kernels = {k["name"]: k for k in manifest["kernels"]}
     out = []
-    for launch, i in _schedule(manifest["decode_step"], env["n_layers"]):
+    for launch, i in _schedule(manifest[step], env["n_layers"]):
         kern = kernels.get(launch["kernel"])
         if kern is None:
             raise BindError(f"op {launch['op']}: kernel {launch['kernel']} is not among the manifest's kernels")
@@ -170,7 +178,7 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo]) -> list[BoundL
         out.append(BoundLaunch(launch["op"], i, name, kern["template"], dtypes, tuple(args),
                                _dim3(evaluate(grid, ev)), _dim3(evaluate(launch["block"], ev)),
                                int(evaluate(launch["smem"], ev)), bool(launch.get("grid_stride", False)),
-                               int(evaluate(launch.get("workspace", "0"), ev)), shaped))
+                               int(evaluate(launch.get("workspace", "0"), ev)), shaped, bool(launch.get("final"))))
     return out
 
 
@@ -179,10 +187,11 @@ def shape_defines(manifest: dict, env: dict) -> tuple[str, ...] | None:
     -DDTF_SHAPED and each fixed int argument's value as its macro (manifest.json's "macro"), evaluated
     from the same expressions, with the same config, as the arguments `bind` passes the generic entries.
     None when the manifest has no shaped entries (a CPU target). Each model shape gets its own cubin."""
-    if not manifest["decode_step"] or any("shaped_kernel" not in l for l in manifest["decode_step"]):
+    steps = manifest["decode_step"] + manifest["prefill_step"]
+    if not manifest["decode_step"] or any("shaped_kernel" not in l for l in steps):
         return None
     values = {}
-    for l in manifest["decode_step"]:
+    for l in steps:
         for a in l["args"]:
             if "macro" in a:
                 v = values[a["macro"]] = int(evaluate(a["value"], env))

@@ -251,6 +251,8 @@ class CudaBackend:
         self.arch = f"sm_{major}{minor}"
         table = buffer_table(self.manifest, self.env, packed.arrays)
         self.launches: list[BoundLaunch] = bind(self.manifest, self.env, table)   # checks before any allocation
+        # the prefill step at its largest block: checked now too, and its kernels' scratch sized
+        full_prefill = bind(self.manifest, self.env, table, "prefill_step", self.env["chunk"])
 
         weights = {id(a): a for a in packed.arrays.values()}
         need = sum(a.nbytes for a in weights.values())
@@ -259,7 +261,7 @@ class CudaBackend:
         # its wait, so two of its launches never use it at once, and it leaves its counters there at
         # zero (kernels keep them at different offsets, so they do not share one scratch)
         self.workspace_bytes: dict[str, int] = {}
-        for l in self.launches:
+        for l in self.launches + full_prefill:
             if any(a.kind == "workspace" for a in l.args):
                 self.workspace_bytes[l.kernel] = max(1, l.workspace, self.workspace_bytes.get(l.kernel, 0))
         need += sum(self.workspace_bytes.values())
@@ -305,6 +307,9 @@ class CudaBackend:
             self.calls.append(_Launch(fn, l, self._args(l), self.stream, self.pdl and i > 0, self._grid(fn, l)))
         self.token = drv.pagelocked_zeros(1, np.int32)
         self.pos = drv.pagelocked_zeros(1, np.int32)
+        self.prompt = drv.pagelocked_zeros(self.env["chunk"], np.int32)
+        self._prefill: dict[int, tuple[list[_Launch], list[_Launch]]] = {}   # tokens -> (body, final) launches
+        self._prefill_graphs: dict[int, _Graph] = {}
         self.logits = drv.pagelocked_empty(table["logits"].nbytes, np.uint8)
         self.graph = _Graph(self.stream, self._enqueue) if use_graph else None
 
@@ -374,6 +379,49 @@ class CudaBackend:
         except (self.drv.Error, KernelError) as e:
             raise self._find_failing_kernel(e) from None
 
+    def prefill_calls(self, tokens: int) -> tuple[list[_Launch], list[_Launch]]:
+        """One prefill launch of `tokens` rows, bound once per size: the launches every chunk runs, and the
+        `final` ones that end the prompt. Each list's first launch waits for all before it (no PDL)."""
+        if tokens not in self._prefill:
+            parts: tuple[list[_Launch], list[_Launch]] = ([], [])
+            for l in bind(self.manifest, self.env, self.table, "prefill_step", tokens):
+                fn = self.module.function(l.shaped_kernel if self.shaped else l.kernel, l.smem)
+                part = parts[l.final]
+                part.append(_Launch(fn, l, self._args(l), self.stream, self.pdl and bool(part), self._grid(fn, l)))
+            self._prefill[tokens] = parts
+        return self._prefill[tokens]
+
+    def prefill(self, tokens, pos: int = 0) -> np.ndarray:
+        """The prompt `tokens` at positions pos.. through the prefill step, a chunk at a time (a full chunk
+        replays one CUDA graph, captured on first use; a shorter last one is launched directly); returns
+        the last token's logits. The decode step then continues at pos + len(tokens)."""
+        chunk = self.env["chunk"]
+        try:
+            for start in range(0, len(tokens), chunk):
+                part = tokens[start:start + chunk]
+                self.stream.synchronize()             # the host buffers below are free again
+                self.prompt[:len(part)] = part
+                self.pos[0] = pos + start
+                self.drv.memcpy_htod_async(self.ptr["prompt"], self.prompt, self.stream)
+                self.drv.memcpy_htod_async(self.ptr["pos"], self.pos, self.stream)
+                body, final = self.prefill_calls(len(part))
+                if len(part) == chunk:
+                    if chunk not in self._prefill_graphs:
+                        self._prefill_graphs[chunk] = _Graph(self.stream, lambda: [c.run() for c in body])
+                    self._prefill_graphs[chunk].launch()
+                else:
+                    for c in body:
+                        c.run()
+                if start + chunk >= len(tokens):
+                    for c in final:
+                        c.run()
+            self.stream.synchronize()
+        except (self.drv.Error, KernelError) as e:
+            raise KernelError(f"CUDA error during prefill: {e}") from None
+        self.drv.memcpy_dtoh(self.logits, self.ptr["logits"])
+        dt = self.table["logits"].dtype
+        return from_storage(self.logits.view(self._np(dt)), dt).astype(np.float32, copy=True)
+
     def step(self, token: int, pos: int) -> np.ndarray:
         self._run(token, pos)
         self.drv.memcpy_dtoh(self.logits, self.ptr["logits"])
@@ -404,6 +452,7 @@ class CudaBackend:
         """Free device memory and pop the context (idempotent; also runs at exit)."""
         if self.ctx is not None:
             self.graph = None
+            self._prefill_graphs.clear()
             self.alloc.clear()
             self.ctx.pop()
             self.ctx = None

@@ -1,8 +1,8 @@
 """Token generation on any backend: prefill, greedy or sampled decoding, EOS stop.
 
-A backend only has to offer ``reset()`` and ``step(token, pos) -> logits``; prefill feeds the
-prompt through the same decode step one token at a time, so the CPU reference and the GPU
-runtime produce their tokens by one shared loop and differ only in their kernels.
+A backend offers ``reset()``, ``prefill(tokens, pos) -> logits`` (the prompt through the batched
+prefill step, a chunk at a time) and ``step(token, pos) -> logits`` (one decode step), so the CPU
+reference and the GPU runtime produce their tokens by one shared loop and differ only in their kernels.
 """
 from __future__ import annotations
 
@@ -61,9 +61,7 @@ def stream_tokens(backend, prompt_ids: Sequence[int], max_new_tokens: int, eos_i
     """New token ids, yielded as each is sampled (EOS included when it stops generation)."""
     rng = np.random.default_rng(sampling.seed)
     backend.reset()
-    logits = None
-    for pos, tok in enumerate(prompt_ids):
-        logits = backend.step(int(tok), pos)
+    logits = backend.prefill([int(t) for t in prompt_ids], 0)
     for n in range(max_new_tokens):
         tok = sample(logits, sampling, rng)
         yield tok

@@ -65,13 +65,28 @@ def check_target_ops(cuda_be, ref_be, seed: int = 0, pos: int = 37) -> list[OpRe
         if launch.grid_stride:
             variants.append((" [1 block]", cuda_be.launch_with_grid(idx, (1, 1, 1))))
         for suffix, call in variants:
-            results.append(_check_one(cuda_be, ref_be, idx, launch, call, rng, pos, entry + suffix))
+            _, ref_args, dtypes = ref_be.program[idx]
+            results.append(_check_one(cuda_be, ref_args, dtypes, launch, call, rng, pos, entry + suffix))
     return results
 
 
-def _check_one(cuda_be, ref_be, idx, launch, call, rng, pos: int, name: str) -> OpResult:
+def check_prefill_ops(cuda_be, ref_be, tokens: int, seed: int = 0, pos: int = 37) -> list[OpResult]:
+    """The same check for each distinct entry point of one prefill launch of `tokens` rows at `pos`
+    (pos + tokens must fit the context)."""
+    rng = np.random.default_rng(seed)
+    calls = [iter(part) for part in cuda_be.prefill_calls(tokens)]   # (every chunk's, the final ones)
+    results, seen = [], set()
+    for _, ref_args, dtypes, final in ref_be.prefill_program(tokens):
+        call = next(calls[final])
+        entry = call.launch.shaped_kernel if cuda_be.shaped else call.launch.kernel
+        if entry not in seen:
+            seen.add(entry)
+            results.append(_check_one(cuda_be, ref_args, dtypes, call.launch, call, rng, pos, entry))
+    return results
+
+
+def _check_one(cuda_be, ref_args, dtypes, launch, call, rng, pos: int, name: str) -> OpResult:
     drv, table, env = cuda_be.drv, cuda_be.table, cuda_be.env
-    _, ref_args, dtypes = ref_be.program[idx]
     outs = []
     for a in launch.args:
         if a.buffer is None or table[a.buffer].weight:

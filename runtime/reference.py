@@ -175,9 +175,96 @@ def norm_gemv_swiglu(a, d):
     silu_mul({"gate": y[:a["rows"]], "up": y[a["rows"]:], "y": a["y"]}, {**_sub(d, "act"), "y": d["y"]})
 
 
+# ---- batched prefill: the ops above over the block's first m rows, row for row the same rounding ------
+
+def embedding_gather_rows(a, d):
+    m = a["m"]
+    a["out"][:m] = _r(a["table"][a["ids"][:m]], d["out"])
+
+
+def rmsnorm_rows(a, d):
+    for t in range(a["m"]):
+        rmsnorm({"x": a["x"][t], "gamma": a["gamma"], "y": a["y"][t], "n": a["n"], "eps": a["eps"]}, d)
+
+
+def _gemm(a, d, rows_w=None) -> np.ndarray:
+    """The GEMV of every row: x rows in the compute dtype, exact products summed in the accumulate dtype,
+    the per-channel scale after the sum; rounded to the GEMM's output dtype by the caller."""
+    m = a["m"]
+    acc = _dot(_r(a["x"][:m], d["compute"]), a["w"].T, d["accumulate"])
+    if "scale" in a:
+        acc = _r(acc, d["accumulate"]) * a["scale"]
+    return acc
+
+
+def gemm(a, d):
+    a["y"][:a["m"]] = _r(_gemm(a, d), d["y"])
+
+
+def gemm_residual(a, d):
+    m = a["m"]
+    o = _r(_gemm({**a, "x": a["a"]}, d), d["output"])
+    residual_add({"x": a["x"][:m], "d": o}, {**_sub(d, "act"), "x": d["x"]})
+
+
+def gemm_swiglu(a, d):
+    y, rows = _r(_gemm(a, d), d["output"]), a["rows"]
+    silu_mul({"gate": y[:, :rows], "up": y[:, rows:], "y": a["y"][:a["m"]]}, {**_sub(d, "act"), "y": d["y"]})
+
+
+def rope_rows(a, d):
+    for t in range(a["m"]):
+        rope({**a, "q": a["q"][t], "k": a["k"][t], "pos": [a["pos"][0] + t]}, d)
+
+
+def kv_append_rows(a, d):
+    p, m = int(a["pos"][0]), a["m"]
+    a["k_cache"][p:p + m] = _r(a["k"][:m], d["k_cache"])
+    a["v_cache"][p:p + m] = _r(a["v"][:m], d["v_cache"])
+
+
+def gemm_rope_kv(a, d):
+    m, hd = a["m"], a["head_dim"]
+    nq, nkv = a["n_heads"] * hd, a["n_kv_heads"] * hd
+    y = _r(_gemm(a, d), d["output"])
+    rope_rows({"q": y[:, :nq], "k": y[:, nq:nq + nkv], "pos": a["pos"], "m": m, "n_heads": a["n_heads"],
+               "n_kv_heads": a["n_kv_heads"], "head_dim": hd, "inv_freq": a["inv_freq"]},
+              {**_sub(d, "rope"), "q": d["output"], "k": d["output"]})
+    a["q"][:m] = _r(y[:, :nq], d["q"])
+    kv_append_rows({"k": y[:, nq:nq + nkv], "v": y[:, nq + nkv:], "k_cache": a["k_cache"], "v_cache": a["v_cache"],
+                    "pos": a["pos"], "m": m}, {"k_cache": d["k_cache"], "v_cache": d["v_cache"]})
+
+
+def prefill_attention(a, d):
+    """Row t is the decode step's attention at position pos + t: over cache rows 0 .. pos + t (a head's
+    rows at once, the later keys of earlier rows masked to probability 0, which adds exactly nothing)."""
+    c, acc = d["compute"], d["accumulate"]
+    nh, nkv, hd, m, p0 = a["n_heads"], a["n_kv_heads"], a["head_dim"], a["m"], int(a["pos"][0])
+    seq = p0 + m
+    q = _r(a["q"][:m].reshape(m, nh, hd), c)
+    k = _r(a["k_cache"][:seq].reshape(seq, nkv, hd), c).astype(np.float64)
+    v = _r(a["v_cache"][:seq].reshape(seq, nkv, hd), c).astype(np.float64)
+    group = nh // nkv
+    out = a["out"][:m].reshape(m, nh, hd)
+    scale = F32(1.0) / np.sqrt(F32(hd), dtype=F32)
+    later = np.arange(seq)[None, :] > (p0 + np.arange(m))[:, None]
+    for h in range(nh):
+        s = _dot(q[:, h], k[:, h // group].T, acc) * scale
+        s[later] = -np.inf
+        p = _f32_of(np.exp, s - s.max(axis=1, keepdims=True))
+        o = _dot(_r(p, c), v[:, h // group], acc)
+        out[:, h] = _r(o / p.sum(axis=1, dtype=np.float64).astype(F32)[:, None], d["out"])
+
+
+def last_row(a, d):
+    a["x"][:] = _r(a["xs"][a["m"] - 1], d["x"])
+
+
 OPS = {f.__name__: f for f in (embedding_gather, rmsnorm, gemv, rope, kv_append, attention, silu_mul,
                                residual_add, argmax, advance_pos,
-                               norm_gemv, norm_gemv_argmax, norm_qkv_rope_kv, gemv_residual, norm_gemv_swiglu)}
+                               norm_gemv, norm_gemv_argmax, norm_qkv_rope_kv, gemv_residual, norm_gemv_swiglu,
+                               embedding_gather_rows, rmsnorm_rows, gemm, gemm_residual, gemm_swiglu, rope_rows,
+                               kv_append_rows, gemm_rope_kv, prefill_attention, last_row)}
 
 
 class ReferenceBackend:
@@ -187,7 +274,7 @@ class ReferenceBackend:
 
     def __init__(self, manifest: dict, packed):
         self.manifest, self.env = manifest, packed.env
-        table = buffer_table(manifest, self.env, packed.arrays)
+        table = self.table = buffer_table(manifest, self.env, packed.arrays)
         self.launches = bind(manifest, self.env, table)
         self._rounded: dict[tuple[str, str], np.ndarray] = {}
         self.arrays: dict[str, np.ndarray] = {
@@ -196,6 +283,7 @@ class ReferenceBackend:
             if not info.weight:
                 self.arrays[info.name] = np.zeros(info.shape, dtype=np.int32 if info.dtype == "index" else F32)
         self.program = [(OPS[l.template], self._args(l), l.dtypes) for l in self.launches]
+        self._prefill: dict[int, list] = {}     # tokens -> its bound prefill program
 
     def _args(self, launch) -> dict:
         args = {a.param: self._arg(a) for a in launch.args}
@@ -219,6 +307,27 @@ class ReferenceBackend:
     def reset(self) -> None:
         for b in self.manifest["buffers"]:
             self.arrays[b["name"]][...] = 0
+
+    def prefill_program(self, tokens: int) -> list[tuple]:
+        """(op, args, dtypes, final) of one prefill launch of `tokens` rows, bound once per size."""
+        if tokens not in self._prefill:
+            self._prefill[tokens] = [(OPS[l.template], self._args(l), l.dtypes, l.final)
+                                     for l in bind(self.manifest, self.env, self.table, "prefill_step", tokens)]
+        return self._prefill[tokens]
+
+    def prefill(self, tokens, pos: int = 0) -> np.ndarray:
+        """Run the prompt `tokens` at positions pos.. through the prefill step, a chunk at a time; returns
+        the last token's logits as float32 (the decode step then continues at pos + len(tokens))."""
+        chunk = self.env["chunk"]
+        for start in range(0, len(tokens), chunk):
+            part = tokens[start:start + chunk]
+            self.arrays["prompt"][:len(part)] = part
+            self.arrays["pos"][0] = pos + start
+            last = start + chunk >= len(tokens)
+            for fn, args, dtypes, final in self.prefill_program(len(part)):
+                if last or not final:
+                    fn(args, dtypes)
+        return self.arrays["logits"].astype(F32, copy=True)
 
     def step(self, token: int, pos: int) -> np.ndarray:
         """Run one decode step for ``token`` at ``pos``; returns the logits as float32."""

@@ -189,4 +189,6 @@ def model_env(manifest: Mapping, hf_config: Mapping, config_path: Path | str, *,
         if isinstance(max_seq, bool) or not isinstance(max_seq, int) or max_seq <= 0:
             raise ConfigError(f"max_seq cap must be a positive int, found {max_seq!r}")
         env["max_seq"] = min(max_seq, env["max_seq"])
+    # the rows the prefill buffers hold: the device's prefill chunk, no more than the context
+    env["chunk"] = min(manifest["prefill_chunk"], env.get("max_seq", manifest["prefill_chunk"]))
     return env

@@ -27,7 +27,7 @@ def _edit(tmp_path, name, change):
 
 
 @pytest.mark.parametrize("name,change,says", [
-    ("manifest.json", lambda m: m.update(schema=1), "has schema 1, this dtypeforge reads schema 2"),
+    ("manifest.json", lambda m: m.update(schema=1), "has schema 1, this dtypeforge reads schema 3"),
     ("manifest.json", lambda m: m.pop("schema"), "has schema None"),
     ("manifest.json", lambda m: m["kernels"][0]["params"][0].update(dtype=16), "kernels[0].params[0].dtype is 16; the schema wants str"),
     ("manifest.json", lambda m: m["decode_step"][1].update(grid_stride="yes"), "decode_step[1].grid_stride is 'yes'; the schema wants bool"),

@@ -221,7 +221,7 @@ def test_policy_name_must_match_file(specs_dir, capsys):
 def test_decode_step_unknown_kernel_and_arg(specs_dir, capsys):
     f = specs_dir / "models/llama.yaml"
     i = op_index(specs_dir, "silu_mul")
-    line = edit(f, "kernel: silu_mul,", "kernel: gelu_mul,")
+    line = edit(f, "kernel: silu_mul, role: activations, per_layer: true, layout: separate, args: {gate: gate,", "kernel: gelu_mul, role: activations, per_layer: true, layout: separate, args: {gate: gate,")
     assert_spec_error(*run_cli(specs_dir, capsys), f, line, f"decode_step.{i}.kernel", "'gelu_mul'", "allowed:")
 
 
