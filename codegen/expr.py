@@ -16,12 +16,29 @@ _FUNCS = {"cdiv": lambda a, b: -(-a // b)}
 ALLOWED = "integer literals, config symbols, + - * // and cdiv(a, b)"
 
 
+def prefill_attn_smem(head_dim: int, elem_bytes: int) -> int:
+    """Dynamic shared memory of one prefill-attention block: dtf/prefill_attention.cuh's
+    prefill_attn_smem_bytes, which it mirrors (tests/test_compile_generated.py compares the two). The
+    SIMT path stages rows of DMAX = 64, 128 or 256 dims, R = 8, 8 or 4 query rows per warp; the
+    tensor-core path (16-bit caches, head_dim 64 or 128) four 64-row tiles."""
+    dmax = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    r = 8 if dmax <= 128 else 4
+    simt = 4 * ((4 * r + 32) * (dmax + 4) + 128 * r)
+    mma = 256 * head_dim * elem_bytes if elem_bytes == 2 and head_dim in (64, 128) else 0
+    return max(simt, mma)
+
+
+# Functions the Plan writes into a manifest's launch sizes (not for specs): sizes a device header defines.
+_SIZE_FUNCS = {"prefill_attn_smem": prefill_attn_smem}
+
+
 class ExprError(ValueError):
     pass
 
 
-def _check(node: ast.AST, symbols: Iterable[str]) -> None:
+def _check(node: ast.AST, symbols: Iterable[str], extra_funcs: Mapping = {}) -> None:
     symbols = set(symbols)
+    funcs = {**_FUNCS, **extra_funcs}
     for n in ast.walk(node):
         if isinstance(n, (ast.Expression, ast.Load)) or type(n) in _BINOPS:
             continue
@@ -32,10 +49,10 @@ def _check(node: ast.AST, symbols: Iterable[str]) -> None:
             if isinstance(n.value, bool) or not isinstance(n.value, (int, float)):
                 raise ExprError(f"literal {n.value!r} is not allowed ({ALLOWED})")
         elif isinstance(n, ast.Name):
-            if n.id not in symbols and n.id not in _FUNCS:
+            if n.id not in symbols and n.id not in funcs:
                 raise ExprError(f"unknown symbol {n.id!r} (known: {', '.join(sorted(symbols))})")
         elif isinstance(n, ast.Call):
-            if not (isinstance(n.func, ast.Name) and n.func.id in _FUNCS and len(n.args) == 2 and not n.keywords):
+            if not (isinstance(n.func, ast.Name) and n.func.id in funcs and len(n.args) == 2 and not n.keywords):
                 raise ExprError(f"only cdiv(a, b) may be called ({ALLOWED})")
         else:
             raise ExprError(f"{type(n).__name__} is not allowed ({ALLOWED})")
@@ -59,13 +76,13 @@ def parse(text: str | int | float, symbols: Iterable[str]) -> str:
 
 def symbols_of(text: str) -> set[str]:
     return {n.id for n in ast.walk(ast.parse(str(text), mode="eval"))
-            if isinstance(n, ast.Name) and n.id not in _FUNCS}
+            if isinstance(n, ast.Name) and n.id not in _FUNCS and n.id not in _SIZE_FUNCS}
 
 
 def evaluate(text: str | int | float, env: Mapping[str, int | float]):
     """Evaluate a (validated) expression with symbol values from ``env``."""
     tree = ast.parse(str(text), mode="eval")
-    _check(tree, env.keys())
+    _check(tree, env.keys(), _SIZE_FUNCS)
 
     def ev(n):
         if isinstance(n, ast.Expression):
@@ -76,6 +93,6 @@ def evaluate(text: str | int | float, env: Mapping[str, int | float]):
             return env[n.id]
         if isinstance(n, ast.BinOp):
             return _BINOPS[type(n.op)](ev(n.left), ev(n.right))
-        return _FUNCS[n.func.id](*(ev(a) for a in n.args))
+        return {**_FUNCS, **_SIZE_FUNCS}[n.func.id](*(ev(a) for a in n.args))
 
     return ev(tree)

@@ -66,6 +66,9 @@ class KernelFamily:
     # refuses a model beyond one before launching (the reference backend has no such bound)
     limits: tuple[tuple[str, int], ...] = ()
     variants: tuple[Variant, ...] = ()
+    # dynamic shared memory in bytes when a device header sizes it (an expression; `{itemsize_<param>}`
+    # is the bytes per element of the dtype bound to that pointer parameter); else smem_elems
+    smem_bytes: str | None = None
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
@@ -113,11 +116,22 @@ PREFILL_ATTN_THREADS = 128
 _M = Param("m", "int")
 
 
-def tuned_sizes(tuning: dict[str, int]) -> dict[str, int]:
-    """Sizes that follow from the device's tuning, for the families' expressions: the GEMM tile's shared
-    memory in f32 elements (dtf/gemm.cuh's gemm_smem_bytes for its largest operand types)."""
-    bm, bn = tuning["gemm_bm"], tuning["gemm_bn"]
-    return {"gemm_smem_elems": max(bm * (bn + 4), 3 * (bm + bn) * 64 * 4 // 4)}
+GEMM_TILES = ((128, 128), (128, 64), (64, 64))   # (gemm_bm, gemm_bn) tiles dtf/gemm.cuh implements
+GEMM_STAGES, GEMM_BK, GEMM_SIMT_BK = 4, 32, 16   # its pipeline: stages of BK k (tensor cores), 2 of SIMT_BK (SIMT)
+
+
+def gemm_smem_bytes(compute_itemsize: int, bm: int, bn: int) -> int:
+    """dtf/gemm.cuh's gemm_smem_bytes, which this mirrors (tests/test_compile_generated.py compares
+    them): the larger of the mainloop's stages and the f32 C tile that reuses them."""
+    tc = 0 if compute_itemsize == 4 else GEMM_STAGES * (bm + bn) * GEMM_BK * 2
+    simt = 2 * (bm + bn) * GEMM_SIMT_BK * 4
+    return max(tc, simt, bm * (bn + 8) * 4)
+
+
+def tuned_sizes(tuning: dict[str, int], itemsizes: dict[str, int]) -> dict[str, int]:
+    """Sizes that follow from the device's tuning and an instance's dtypes, for the families'
+    expressions: the GEMM tile's shared memory (for the instance's compute dtype)."""
+    return {"gemm_smem": gemm_smem_bytes(itemsizes.get("itemsize_compute", 4), tuning["gemm_bm"], tuning["gemm_bn"])}
 # The GEMM tiles' grid, token tiles fastest, so the blocks that share a weight tile run together and it
 # is read from DRAM once: {gemm_bn} output channels per block, or half as many for the fused epilogues
 # whose tile pairs two channels (gate with up, a rotary pair's two halves).
@@ -197,19 +211,19 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  {"": _MAIN}, "m", "256"),
     KernelFamily("gemm",                  # y = x W^T over m rows (dtf/gemm.cuh)
                  _GEMV + (Param("x", "in", "x"), Param("y", "out", "y"), _M, Param("rows", "int"), Param("cols", "int")),
-                 {"": _MAIN}, _GEMM_GRID % "rows", f"{GEMM_THREADS}", "{gemm_smem_elems}"),
+                 {"": _MAIN}, _GEMM_GRID % "rows", f"{GEMM_THREADS}", smem_bytes="{gemm_smem}"),
     KernelFamily("gemm_residual",         # x += a W^T (the GEMM rounded to output, then the residual add)
                  _GEMV + (Param("a", "in", "x"), Param("x", "inout", "h"), _M, Param("rows", "int"), Param("cols", "int")),
-                 {"": _MAIN + ("output",), "act": ("compute",)}, _GEMM_GRID % "rows", f"{GEMM_THREADS}", "{gemm_smem_elems}"),
+                 {"": _MAIN + ("output",), "act": ("compute",)}, _GEMM_GRID % "rows", f"{GEMM_THREADS}", smem_bytes="{gemm_smem}"),
     KernelFamily("gemm_swiglu",           # gate/up GEMM (fused rows) -> SiLU(gate) * up
                  _GEMV + (Param("x", "in", "x"), Param("y", "out", "y"), _M, Param("rows", "int"), Param("cols", "int")),
-                 {"": _MAIN + ("output",), "act": ("compute",)}, _GEMM_PAIR_GRID % "rows", f"{GEMM_THREADS}", "{gemm_smem_elems}"),
+                 {"": _MAIN + ("output",), "act": ("compute",)}, _GEMM_PAIR_GRID % "rows", f"{GEMM_THREADS}", smem_bytes="{gemm_smem}"),
     KernelFamily("gemm_rope_kv",          # q/k/v GEMM (fused rows) -> RoPE at pos + row -> q out, k/v into the caches
                  _GEMV + (Param("x", "in", "x"), Param("q", "out", "q"), Param("k_cache", "out", "kc"), Param("v_cache", "out", "vc"),
                           Param("pos", "index_in"), _M, Param("cols", "int"), Param("n_heads", "int"),
                           Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("inv_freq", "in", "f")),
                  {"": _MAIN + ("output",), "rope": ("compute",)},
-                 _GEMM_PAIR_GRID % "(n_heads + 2 * n_kv_heads) * (head_dim // 2)", f"{GEMM_THREADS}", "{gemm_smem_elems}"),
+                 _GEMM_PAIR_GRID % "(n_heads + 2 * n_kv_heads) * (head_dim // 2)", f"{GEMM_THREADS}", smem_bytes="{gemm_smem}"),
     KernelFamily("rope_rows",
                  (Param("q", "inout", "q"), Param("k", "inout", "k"), Param("pos", "index_in"), _M,
                   Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("inv_freq", "in", "f")),
@@ -222,8 +236,8 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
     KernelFamily("prefill_attention",
                  (Param("q", "in", "q"), Param("k_cache", "in", "kc"), Param("v_cache", "in", "vc"), Param("out", "out", "y"),
                   Param("pos", "index_in"), _M, Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int")),
-                 {"": _MAIN}, f"n_heads * cdiv(m, {PREFILL_ATTN_BQ})", f"{PREFILL_ATTN_THREADS}", "head_dim * 128",
-                 limits=(("head_dim", ATTN_MAX_HEAD_DIM),)),
+                 {"": _MAIN}, f"n_heads * cdiv(m, {PREFILL_ATTN_BQ})", f"{PREFILL_ATTN_THREADS}",
+                 limits=(("head_dim", ATTN_MAX_HEAD_DIM),), smem_bytes="prefill_attn_smem(head_dim, {itemsize_k_cache})"),
     KernelFamily("last_row",              # the block's last row, where the decode step's final norm and lm_head start
                  (Param("xs", "in", "x"), Param("x", "out", "y"), _M, Param("hidden", "int")),
                  {}, "cdiv(hidden, 256)", "256"),

@@ -269,8 +269,8 @@ def _resolve_launches(plan: Plan, ops, out: list[Launch], key: str) -> None:
         early = op.dependents == "early"
         name = instance_name(fam, dtypes) + ("_early" if early else "")
         plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes, early))
-        smem = "0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * 4"
-        tuned = _tuned(plan.device.tuning)
+        smem = fam.smem_bytes or ("0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * 4")
+        tuned = _tuned(plan.device.tuning, {f"itemsize_{p}": DTYPES[d].itemsize for p, d in dtypes.items() if d in DTYPES})
         variants = tuple(replace(v, at_most=tuple((n, int(tuned(b))) for n, b in v.at_most), grid=tuned(v.grid))
                          for v in fam.variants)
         out.append(Launch(op.op, name, op.per_layer, args, tuned(fam.grid), tuned(fam.block), tuned(smem),
@@ -278,10 +278,11 @@ def _resolve_launches(plan: Plan, ops, out: list[Launch], key: str) -> None:
         plan.kernels[name].launches.append(out[-1])
 
 
-def _tuned(tuning: dict[str, int]):
+def _tuned(tuning: dict[str, int], itemsizes: dict[str, int]):
     """Fills a family expression's ``{knob}`` placeholders (e.g. attention's ``{attn_threads}``) with
-    the device spec's tuning values, and the sizes derived from them (kernels.tuned_sizes)."""
-    values = {**tuning, **tuned_sizes(tuning)}
+    the device spec's tuning values, the sizes derived from them (kernels.tuned_sizes) and the bytes per
+    element of the instance's pointer dtypes (``{itemsize_<param>}``)."""
+    values = {**tuning, **tuned_sizes(tuning, itemsizes), **itemsizes}
     return lambda expr: str(expr).format_map(values)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import expr
 from .dtypes import ARITH_DTYPES, DTYPES, QUANT_SCHEMES, SCALE_DTYPES, STORAGE_DTYPES
-from .kernels import FAMILIES, INDEX_KINDS, PREFETCH, PTR_KINDS
+from .kernels import FAMILIES, GEMM_TILES, INDEX_KINDS, PREFETCH, PTR_KINDS
 from .yamlsrc import Source, SpecError, load
 
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -41,7 +41,7 @@ CAPABILITIES = {"native_f16_arith": bool, "native_bf16_arith": bool, "fp8_conver
 #   gemm_bm, gemm_bn: the prefill GEMMs' block tile, token rows x output channels (dtf/gemm.cuh)
 TUNING = {"gemv_loads": (8, (2, 4, 8, 16)), "l2_prefetch_kib": (0, (0, 1024, 2048, 4096, 8192, 16384, 32768)),
           "attn_threads": (512, (128, 256, 512)), "gemv_rotate_batches": (0, (0, 2, 3, 4, 8, 16)),
-          "prefill_chunk": (256, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
+          "prefill_chunk": (1024, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
           "gemm_bm": (128, (64, 128)), "gemm_bn": (64, (64, 128))}
 # Symbols of a run that no config.json holds, usable in the model spec's expressions: `chunk`, the rows
 # the prefill buffers hold (the device's prefill_chunk, capped to the run's context), in buffer shapes;
@@ -591,6 +591,11 @@ def load_device(path: Path) -> Device:
     for k, v in tuning.items():
         if v not in TUNING[k][1]:
             raise src.error(("tuning", k), v, _allowed(TUNING[k][1]))
+    tile = (tuning.get("gemm_bm", TUNING["gemm_bm"][0]), tuning.get("gemm_bn", TUNING["gemm_bn"][0]))
+    if tile not in GEMM_TILES:
+        raise src.error(("tuning", "gemm_bn" if "gemm_bn" in tuning else "gemm_bm"), tile[1 if "gemm_bn" in tuning else 0],
+                        f"gemm_bm x gemm_bn is {tile[0]} x {tile[1]}; dtf/gemm.cuh implements "
+                        + ", ".join(f"{m} x {n}" for m, n in GEMM_TILES))
     if tuning.get("l2_prefetch_kib", 0) and (d["kind"] != "cuda" or int(re.match(r"sm_(\d+)", d["arch"]).group(1)) < PREFETCH_MIN_ARCH):
         raise src.error(("tuning", "l2_prefetch_kib"), tuning["l2_prefetch_kib"],
                         f"L2 prefetch (cp.async.bulk.prefetch) needs sm_{PREFETCH_MIN_ARCH} or newer; "

@@ -8,20 +8,16 @@
 // Included after dtypes.cuh and rows.cuh (Widen, ExactIn, round_to); the target's kernels.cu defines
 // DTF_FP8, DTF_ARITH_F16, DTF_ARITH_BF16 and the tuning macros before them (templates/kernels.cu.j2).
 
-// k per pipeline stage of the tensor-core path (32 or 64) and the number of stages: smem per block is
-// GEMM_STAGES * (BM + BN) * BK * 2 bytes, at most 96 KiB (128 x 128: 32 x 4 = 64 KiB, 64 x 3 = 96 KiB),
-// so that two blocks fit an SM.
-#ifndef DTF_GEMM_BK
-#define DTF_GEMM_BK 32
-#endif
+// Stages of the tensor-core path's cp.async pipeline, 32 k each: (BM + BN) * 64 bytes a stage, so 4 stages
+// of 128 x 128 take 64 KiB (the f32 C tile, 68 KiB, reuses them) and two blocks fit an SM.
 #ifndef DTF_GEMM_STAGES
 #define DTF_GEMM_STAGES 4
 #endif
 
 namespace dtf {
 constexpr int GEMM_THREADS = 256;    // the block size every caller launches with: 8 warps
-constexpr int GEMM_BK = DTF_GEMM_BK, GEMM_STAGES = DTF_GEMM_STAGES;
-constexpr int GEMM_SIMT_BK = 16;     // SIMT path: k per stage, two stages of f32 (fits sm_5x/6x's 48 KiB)
+constexpr int GEMM_BK = 32, GEMM_STAGES = DTF_GEMM_STAGES;   // BK 64: the register-staged paths spill at 128
+constexpr int GEMM_SIMT_BK = 16;     // SIMT path: k per stage, two f32 stages (128 x 64: 24 KiB)
 
 template <typename A, typename B> struct Same { static constexpr bool value = false; };
 template <typename A> struct Same<A, A> { static constexpr bool value = true; };
@@ -36,7 +32,8 @@ template <int BN> __host__ __device__ constexpr int gemm_ldc() { return BN + 8; 
 
 // Dynamic shared memory bytes of a tile: the larger of the mainloop's stages (tensor-core or SIMT path,
 // whichever the device compiles) and the f32 C tile, which reuses them once the mainloop is done.
-template <typename CT, typename TX, typename TW, int BM, int BN> __host__ __device__ constexpr int gemm_smem_bytes() {
+template <typename CT, typename TX, typename TW, int BM, int BN>
+__host__ __device__ constexpr int gemm_smem_bytes() {
   int tc = Same<CT, float>::value ? 0 : GEMM_STAGES * (BM + BN) * GEMM_BK * 2;
   int simt = 2 * (BM + BN) * GEMM_SIMT_BK * 4;
   int c = BM * gemm_ldc<BN>() * 4;
@@ -51,7 +48,9 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, int by
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 // Four 8x8 b16 matrices; lanes 8i..8i+7 name matrix i's rows, r[i] is row lane/4, columns 2(lane%4), +1.
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -59,13 +58,17 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
 }
 // d += a (16x16, row-major) * b (16x8, column-major): exact products, f32 accumulation.
 template <typename CT> __device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
-template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // ---- shared-memory layouts ---------------------------------------------------------------------
@@ -91,37 +94,46 @@ struct Operand {
   static constexpr int VEC = 16 / sizeof(T), KSEGS = BK / VEC, SEGS = ROWS * KSEGS;
   static constexpr int ITER = (SEGS + GEMM_THREADS - 1) / GEMM_THREADS;
   static constexpr int STAGE_BYTES = ROWS * BK * (SIMT ? 4 : 2);
-  static_assert(KSEGS >= 1, "BK must hold one 16-byte segment");
-  const T* row[ITER];
+  static_assert(KSEGS >= 1 && GEMM_THREADS % KSEGS == 0 && GEMM_THREADS % ROWS == 0, "segment mapping");
+  const T* row[ITER];   // segment i's row; for a zero row a valid address that is never read
+  int lim[ITER];        // k < lim[i] is in the matrix: K, or 0 for a zero row
   uint4 raw[ITER];
-  unsigned char* base;   // stage 0; stage s at base + s * STAGE_BYTES
-  int K;
+  unsigned char* base;  // stage 0; stage s at base + s * STAGE_BYTES
   bool vec;
 
-  __device__ __forceinline__ static int seg(int i) { return threadIdx.x + i * GEMM_THREADS; }
-  __device__ __forceinline__ static int row_of(int s) { return SIMT ? s % ROWS : s / KSEGS; }
-  __device__ __forceinline__ static int k_of(int s) { return (SIMT ? s / ROWS : s % KSEGS) * VEC; }
+  // Segment i of this thread: its row, its first k in the chunk, whether it exists (ITER rounds up).
+  __device__ __forceinline__ static int row_of(int i) {
+    return SIMT ? threadIdx.x % ROWS : threadIdx.x / KSEGS + i * (GEMM_THREADS / KSEGS);
+  }
+  __device__ __forceinline__ static int k_of(int i) {
+    return (SIMT ? threadIdx.x / ROWS + i * (GEMM_THREADS / ROWS) : threadIdx.x % KSEGS) * VEC;
+  }
+  __device__ __forceinline__ static bool has(int i) {
+    return SEGS % GEMM_THREADS == 0 || (SIMT ? k_of(i) < BK : row_of(i) < ROWS);
+  }
 
   template <typename Rows>
-  __device__ __forceinline__ Operand(Rows rows, int K_, unsigned char* base_) : base(base_), K(K_) {
+  __device__ __forceinline__ Operand(Rows rows, int K, unsigned char* base_, const void* any) : base(base_) {
     bool ok = (K * (int)sizeof(T)) % 16 == 0;
 #pragma unroll
     for (int i = 0; i < ITER; ++i) {
-      row[i] = seg(i) < SEGS ? rows(row_of(seg(i))) : nullptr;
-      ok = ok && reinterpret_cast<size_t>(row[i]) % 16 == 0;
+      const T* p = has(i) ? rows(row_of(i)) : nullptr;
+      lim[i] = p ? K : 0;
+      row[i] = p ? p : static_cast<const T*>(any);
+      ok = ok && reinterpret_cast<size_t>(p) % 16 == 0;
     }
     vec = __syncthreads_and(ok);
   }
 
   // cp.async of chunk k0 into stage st (tensor-core layout, T == CT, SEGS a multiple of the block).
-  __device__ __forceinline__ void issue(int k0, int st, const void* any) const {
+  __device__ __forceinline__ void issue(int k0, int st) const {
     static_assert(!SIMT && sizeof(T) == 2 && SEGS % GEMM_THREADS == 0, "cp.async: CT rows, whole block");
     unsigned dst = smem_addr(base + st * STAGE_BYTES);
 #pragma unroll
     for (int i = 0; i < ITER; ++i) {
-      int k = k0 + k_of(seg(i));
-      bool in = row[i] && k < K;
-      cp_async16(dst + 2 * tc_off<BK>(row_of(seg(i)), k_of(seg(i))), in ? row[i] + k : any, in ? 16 : 0);
+      const int k = k0 + k_of(i);
+      const bool in = k < lim[i];
+      cp_async16(dst + 2 * tc_off<BK>(row_of(i), k_of(i)), row[i] + (in ? (unsigned)k : 0u), in ? 16 : 0);
     }
   }
 
@@ -131,14 +143,14 @@ struct Operand {
 #pragma unroll
     for (int i = 0; i < ITER; ++i) {
       const T* p = row[i];
-      int k = k0 + k_of(seg(i));
+      const int k = k0 + k_of(i);
       if (vec) {
-        raw[i] = p && k < K ? __ldg(reinterpret_cast<const uint4*>(p + k)) : make_uint4(0, 0, 0, 0);
+        raw[i] = k < lim[i] ? __ldg(reinterpret_cast<const uint4*>(p + (unsigned)k)) : make_uint4(0, 0, 0, 0);
       } else {   // ragged K or unaligned rows: VEC scalar loads packed as the vector would hold them
         unsigned w[4] = {0, 0, 0, 0};
 #pragma unroll
         for (int e = 0; e < VEC; ++e)
-          if (p && k + e < K)
+          if (k + e < lim[i])
             w[e * sizeof(T) / 4] |= (unsigned)__ldg(reinterpret_cast<const U*>(p) + k + e) << (8 * (e * sizeof(T) % 4));
         raw[i] = make_uint4(w[0], w[1], w[2], w[3]);
       }
@@ -150,8 +162,8 @@ struct Operand {
     unsigned char* dst = base + st * STAGE_BYTES;
 #pragma unroll
     for (int i = 0; i < ITER; ++i) {
-      if (SEGS % GEMM_THREADS != 0 && seg(i) >= SEGS) break;
-      int r = row_of(seg(i)), k = k_of(seg(i));
+      if (!has(i)) continue;
+      const int r = row_of(i), k = k_of(i);
       float f[VEC];
       Widen<T>::run(raw[i], f);
       if constexpr (SIMT) {
@@ -173,42 +185,49 @@ struct Operand {
 
 // ---- the k loop -------------------------------------------------------------------------------
 // ceil(K / BK) chunks through S shared-memory stages. cp.async operands (AX, AW) are issued S - 1
-// chunks ahead; register-staged ones one chunk ahead: fetched from global memory before a chunk's
-// math, so their latency hides behind it, and converted into the next stage after it. The stage a
-// put writes was last read two chunks ago (S >= 2), before this chunk's barrier. Ends with every
-// copy landed and every warp done with the stages (the C tile may reuse them).
-template <int S, int BK, bool AX, bool AW, typename LX, typename LW, typename Math>
-__device__ __forceinline__ void gemm_pipeline(LX& lx, LW& lw, int K, const void* any, Math math) {
+// chunks ahead; register-staged ones one chunk ahead, converted into the next stage after this
+// chunk's math (the stage it writes was last read two chunks ago, before this chunk's barrier).
+// EARLY fetches them from global memory before the math, so their latency hides behind it; without
+// it (the ragged and unaligned fallback) the loads wait, but hold no registers across the math.
+// Ends with every copy landed and every warp done with the stages (the C tile may reuse them).
+template <int S, int BK, bool AX, bool AW, bool EARLY, typename LX, typename LW, typename Math>
+__device__ __forceinline__ void gemm_pipeline(LX& lx, LW& lw, int K, Math math) {
   constexpr bool ASYNC = AX || AW;
+  auto fetch = [&](int k0) {
+    if constexpr (!AX) lx.fetch(k0);
+    if constexpr (!AW) lw.fetch(k0);
+  };
+  auto put = [&](int st) {
+    if constexpr (!AX) lx.put(st);
+    if constexpr (!AW) lw.put(st);
+  };
   const int nk = (K + BK - 1) / BK;
 #pragma unroll
   for (int c = 0; c < S - 1; ++c) {
     if (c < nk) {
-      if constexpr (AX) lx.issue(c * BK, c, any);
-      if constexpr (AW) lw.issue(c * BK, c, any);
+      if constexpr (AX) lx.issue(c * BK, c);
+      if constexpr (AW) lw.issue(c * BK, c);
     }
     if constexpr (ASYNC) cp_async_commit();   // one group per chunk, empty or not: wait counts stay fixed
   }
-  if constexpr (!AX) { lx.fetch(0); lx.put(0); }
-  if constexpr (!AW) { lw.fetch(0); lw.put(0); }
+  fetch(0);
+  put(0);
   for (int t = 0, st = 0; t < nk; ++t, st = st == S - 1 ? 0 : st + 1) {
     if constexpr (ASYNC) cp_async_wait<S - 2>();   // chunk t has landed (this thread's copies)
     __syncthreads();                               // ... everyone's, and chunk t - 1's stage is free
-    const int next = st == S - 1 ? 0 : st + 1;
     if constexpr (ASYNC) {
-      const int ahead = t + S - 1, sa = st == 0 ? S - 1 : st - 1;   // lands in chunk t - 1's stage
+      const int ahead = t + S - 1, sa = st == 0 ? S - 1 : st - 1;   // into chunk t - 1's stage
       if (ahead < nk) {
-        if constexpr (AX) lx.issue(ahead * BK, sa, any);
-        if constexpr (AW) lw.issue(ahead * BK, sa, any);
+        if constexpr (AX) lx.issue(ahead * BK, sa);
+        if constexpr (AW) lw.issue(ahead * BK, sa);
       }
       cp_async_commit();
     }
     const bool more = t + 1 < nk;
-    if constexpr (!AX) if (more) lx.fetch((t + 1) * BK);
-    if constexpr (!AW) if (more) lw.fetch((t + 1) * BK);
+    if (EARLY && more) fetch((t + 1) * BK);
     math(st);
-    if constexpr (!AX) if (more) lx.put(next);
-    if constexpr (!AW) if (more) lw.put(next);
+    if (!EARLY && more) fetch((t + 1) * BK);
+    if (more) put(st == S - 1 ? 0 : st + 1);
   }
   if constexpr (ASYNC) cp_async_wait<0>();
   __syncthreads();
@@ -280,14 +299,14 @@ __device__ __forceinline__ float* gemm_tc(XRow x_row, WRow w_row, int K, unsigne
   constexpr int S = GEMM_STAGES, BK = GEMM_BK;
   using LX = Operand<TX, CT, BM, BK, false>;
   using LW = Operand<TW, CT, BN, BK, false>;
-  LX lx(x_row, K, smem);
-  LW lw(w_row, K, smem + S * LX::STAGE_BYTES);
+  LX lx(x_row, K, smem, any);
+  LW lw(w_row, K, smem + S * LX::STAGE_BYTES, any);
   TcWarps<CT, BM, BN, BK> w;
   const unsigned xs = smem_addr(lx.base), ws = smem_addr(lw.base);
   auto math = [&](int st) { w.step(xs + st * LX::STAGE_BYTES, ws + st * LW::STAGE_BYTES); };
   // cp.async needs 16-byte segments of both operands; an operand in another dtype goes through registers
-  if (lx.vec && lw.vec) gemm_pipeline<S, BK, Same<TX, CT>::value, Same<TW, CT>::value>(lx, lw, K, any, math);
-  else gemm_pipeline<S, BK, false, false>(lx, lw, K, any, math);
+  if (lx.vec && lw.vec) gemm_pipeline<S, BK, Same<TX, CT>::value, Same<TW, CT>::value, true>(lx, lw, K, math);
+  else gemm_pipeline<S, BK, false, false, false>(lx, lw, K, math);
   float* c = reinterpret_cast<float*>(smem);
   w.store(c);
   __syncthreads();
@@ -343,13 +362,13 @@ struct SimtThreads {
 };
 
 template <typename CT, typename TX, typename TW, int BM, int BN, typename XRow, typename WRow>
-__device__ __forceinline__ float* gemm_simt(XRow x_row, WRow w_row, int K, unsigned char* smem) {
+__device__ __forceinline__ float* gemm_simt(XRow x_row, WRow w_row, int K, unsigned char* smem, const void* any) {
   using LX = Operand<TX, CT, BM, GEMM_SIMT_BK, true>;
   using LW = Operand<TW, CT, BN, GEMM_SIMT_BK, true>;
-  LX lx(x_row, K, smem);
-  LW lw(w_row, K, smem + 2 * LX::STAGE_BYTES);
+  LX lx(x_row, K, smem, any);
+  LW lw(w_row, K, smem + 2 * LX::STAGE_BYTES, any);
   SimtThreads<BM, BN> th;
-  gemm_pipeline<2, GEMM_SIMT_BK, false, false>(lx, lw, K, nullptr, [&](int st) {
+  gemm_pipeline<2, GEMM_SIMT_BK, false, false, true>(lx, lw, K, [&](int st) {
     th.step(reinterpret_cast<const float*>(lx.base + st * LX::STAGE_BYTES),
             reinterpret_cast<const float*>(lw.base + st * LW::STAGE_BYTES));
   });
@@ -377,6 +396,6 @@ __device__ float* gemm_tile(const TX* __restrict__ x, int ldx, int m_rows, WRow 
   if constexpr (!Same<CT, float>::value) return gemm_tc<CT, TX, TW, BM, BN>(x_row, w_row, K, smem, x);
   else
 #endif
-    return gemm_simt<CT, TX, TW, BM, BN>(x_row, w_row, K, smem);
+    return gemm_simt<CT, TX, TW, BM, BN>(x_row, w_row, K, smem, x);
 }
 }  // namespace dtf

@@ -16,17 +16,17 @@ namespace dtf {
 constexpr int PREFILL_ATTN_BQ = 64;        // query rows per block
 constexpr int PREFILL_ATTN_THREADS = 128;  // block size every caller launches with
 
-// SIMT geometry: head dims up to DMAX = 64, 128 or 256; a warp takes 1024 / DMAX query rows at a time
-// (DMAX / 32 output dims per lane each: 32 accumulators), rows staged in f32 with a stride of DMAX + 4.
+// SIMT geometry: head dims up to DMAX = 64, 128 or 256; a warp takes R = 8, 8, 4 query rows at a time
+// (DMAX / 32 output dims per lane each: at most 32 accumulators), rows staged in f32 with a stride of DMAX + 4.
 __host__ __device__ constexpr int prefill_simt_dmax(int head_dim) { return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256; }
+__host__ __device__ constexpr int prefill_simt_rows(int dmax) { return dmax <= 128 ? 8 : 4; }
 
-// Dynamic shared memory of one block, elem_bytes = sizeof(TKV), the most either path may take:
-// SIMT 4 * ((4R + 32) * (DMAX + 4) + 128 R) bytes, R = 1024 / DMAX (34304 / 37888 / 51968 bytes for
-// DMAX 64 / 128 / 256); the tensor-core path (elem_bytes 2, head_dim 64 or 128) 4 tiles of 64 rows,
-// 256 * head_dim * elem_bytes (32 KiB / 64 KiB). All fit sm_75's 64 KiB (above 48 KiB the caller
-// raises cudaFuncAttributeMaxDynamicSharedMemorySize).
+// Dynamic shared memory of one block, elem_bytes = sizeof(TKV): the most either path may take. SIMT:
+// 4 * ((4R + 32) * (DMAX + 4) + 128 R) bytes (21504 / 37888 / 51968 for DMAX 64 / 128 / 256); tensor
+// cores (elem_bytes 2, head_dim 64 or 128): 4 tiles of 64 rows, 256 * head_dim * elem_bytes (32 / 64
+// KiB). All fit sm_75's 64 KiB; above 48 KiB the caller raises cudaFuncAttributeMaxDynamicSharedMemorySize.
 __host__ __device__ constexpr int prefill_attn_smem_bytes(int head_dim, int elem_bytes) {
-  const int dmax = prefill_simt_dmax(head_dim), r = 1024 / dmax;
+  const int dmax = prefill_simt_dmax(head_dim), r = prefill_simt_rows(dmax);
   const int simt = 4 * ((4 * r + 32) * (dmax + 4) + 128 * r);
   const int mma = elem_bytes == 2 && (head_dim == 64 || head_dim == 128) ? 256 * head_dim * elem_bytes : 0;
   return simt > mma ? simt : mma;
@@ -38,7 +38,6 @@ __host__ __device__ constexpr int prefill_attn_smem_bytes(int head_dim, int elem
 template <typename TQ, typename TKV> struct PrefillMma { static constexpr bool ok = false; };
 template <> struct PrefillMma<__half, __half> {
   static constexpr bool ok = true;
-  typedef __half T;
   // d += a * b: m16n8k16, row-major A, column-major B, f32 accumulate
   __device__ __forceinline__ static void mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -48,7 +47,6 @@ template <> struct PrefillMma<__half, __half> {
 };
 template <> struct PrefillMma<__nv_bfloat16, __nv_bfloat16> {
   static constexpr bool ok = true;
-  typedef __nv_bfloat16 T;
   __device__ __forceinline__ static void mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -85,24 +83,30 @@ template <typename T> __device__ __forceinline__ unsigned pack_pair(float x, flo
 // c ^ (r & 7) so that ldmatrix's 8 rows of one chunk column hit 8 distinct bank groups. The Q tile
 // goes through K1 before the loop (its fragments then live in registers).
 template <int D, typename TQ, typename TO>
-__device__ __forceinline__ void prefill_mma(const TQ* __restrict__ q, const TQ* __restrict__ k_cache,
-                                            const TQ* __restrict__ v_cache, TO* __restrict__ out, int pos0, int tokens,
-                                            int q_dim, int kv_dim, int h, int kvh, int tile, unsigned char* smem) {
+__device__ __noinline__ void prefill_mma(const TQ* __restrict__ q, const TQ* __restrict__ k_cache,
+                                         const TQ* __restrict__ v_cache, TO* __restrict__ out, int pos0, int tokens,
+                                         int q_dim, int kv_dim, int h, int kvh, int tile, unsigned char* smem) {
   typedef PrefillMma<TQ, TQ> M;
   constexpr int C = D / 8, BQ = PREFILL_ATTN_BQ;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c2 = (lane % 4) * 2;
   const int row0 = tile * BQ, n_kv = pos0 + min(row0 + BQ, tokens), n_kt = (n_kv + 63) / 64;
   const int pos_w = pos0 + row0 + warp * 16;   // position of the warp's first row
+  const bool live = row0 + warp * 16 < tokens;  // else the warp's rows are past the chunk: no work
   const unsigned base = (unsigned)__cvta_generic_to_shared(smem);
   auto at = [&](int region, int row, int c) { return base + ((region * 64 + row) * D + (c ^ (row & 7)) * 8) * 2; };
-  // rows first .. first + 63 of src (row stride `stride`) into a region; rows >= limit read as zeros,
-  // so that no NaN from memory past the context meets a zero weight
+  // rows first .. first + 63 of src (row stride `stride`) into a region, this thread's chunk c_t of rows
+  // r_t + i * RSTEP (their row & 7 is r_t's); rows >= limit read as zeros, so that no NaN from memory
+  // past the context meets a zero weight
+  constexpr int RSTEP = PREFILL_ATTN_THREADS / C;
+  static_assert(RSTEP % 8 == 0, "a thread's rows share their swizzle");
+  const int c_t = threadIdx.x % C, r_t = threadIdx.x / C;
   auto stage = [&](int region, const TQ* src, int stride, int first, int limit) {
+    const TQ* p = src + ((size_t)first + r_t) * stride + c_t * 8;
+    const unsigned dst = at(region, r_t, c_t);
 #pragma unroll
-    for (int it = 0; it < 64 * C / PREFILL_ATTN_THREADS; ++it) {
-      int i = threadIdx.x + it * PREFILL_ATTN_THREADS, row = i / C, c = i % C;
-      bool ok = first + row < limit;
-      cp_async16(at(region, row, c), ok ? src + (size_t)(first + row) * stride + c * 8 : src, ok);
+    for (int i = 0; i < 64 / RSTEP; ++i) {
+      const bool ok = first + r_t + i * RSTEP < limit;
+      cp_async16(dst + i * RSTEP * D * 2, ok ? p + i * RSTEP * stride : src, ok);
     }
   };
   const TQ* kh = k_cache + (size_t)kvh * D;
@@ -128,7 +132,7 @@ __device__ __forceinline__ void prefill_mma(const TQ* __restrict__ q, const TQ* 
       stage(cur ^ 1, kh, kv_dim, k0 + 64, n_kv);
       stage(2 + (cur ^ 1), vh, kv_dim, k0 + 64, n_kv);
     }
-    if (k0 <= pos_w + 15) {   // else every key of the tile lies past the warp's rows
+    if (live && k0 <= pos_w + 15) {   // else every key of the tile lies past the warp's rows
       float s[8][4];
 #pragma unroll
       for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
@@ -141,17 +145,23 @@ __device__ __forceinline__ void prefill_mma(const TQ* __restrict__ q, const TQ* 
           M::mma(s[2 * np], qf[kk], b[0], b[1]);
           M::mma(s[2 * np + 1], qf[kk], b[2], b[3]);
         }
-      // scale, causal mask (only tiles reaching past the warp's first row), online softmax
-      const bool diag = k0 + 63 > pos_w;
+      // scale, causal mask (only in tiles reaching past the warp's first row), online softmax
       float mx[2] = {m[0], m[1]};
 #pragma unroll
       for (int n = 0; n < 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[n][e] *= scale;
-          if (diag && k0 + n * 8 + c2 + e % 2 > pos_w + g + (e / 2) * 8) s[n][e] = neg_inf();
-          mx[e / 2] = fmaxf(mx[e / 2], s[n][e]);
-        }
+        for (int e = 0; e < 4; ++e) s[n][e] *= scale;
+      if (k0 + 63 > pos_w) {
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (k0 + n * 8 + c2 + e % 2 > pos_w + g + (e / 2) * 8) s[n][e] = neg_inf();
+      }
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[n][e]);
       float corr[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {   // a row's 64 scores are spread over the 4 lanes of a quad
@@ -214,33 +224,37 @@ __device__ __forceinline__ void prefill_mma(const TQ* __restrict__ q, const TQ* 
 #endif
 
 // ---- SIMT path ------------------------------------------------------------------------------------
-// The tile's rows in passes of 4R (R = 1024 / DMAX per warp, all 64 at once for head_dim <= 64). Per
-// pass the block walks 32-key tiles: K staged (f32), lane j scores key j for the warp's R rows, the
-// weights go to the warp's slot in shared memory; then V staged in K's place and every lane adds the
-// 32 weighted V rows to its dims (lane + 32e).
+// Rows first .. first + n - 1 of src (row stride `stride`) into dst (row stride ld) as f32, a warp per
+// row; rows >= limit and the dims from head_dim up to a multiple of 4 are zeros.
+template <typename T>
+__device__ __forceinline__ void prefill_stage_f32(float* dst, int ld, const T* __restrict__ src, int stride, int first,
+                                                  int n, int limit, int head_dim) {
+  for (int r = threadIdx.x / 32; r < n; r += PREFILL_ATTN_THREADS / 32)
+    for (int d = threadIdx.x % 32; d < ((head_dim + 3) & ~3); d += 32)
+      dst[r * ld + d] = first + r < limit && d < head_dim ? to_f32(src[(size_t)(first + r) * stride + d]) : 0.0f;
+}
+
+// The tile's rows in passes of 4R (R rows per warp, prefill_simt_rows). Per pass the block walks
+// 32-key tiles: K staged (f32), lane j scores key j for the warp's R rows, the weights go to the warp's
+// slot in shared memory; then V staged in K's place and every lane adds the 32 weighted V rows to its
+// dims (lane + 32e).
 template <int DMAX, typename TQ, typename TKV, typename TO>
-__device__ __forceinline__ void prefill_simt(const TQ* __restrict__ q, const TKV* __restrict__ k_cache,
-                                             const TKV* __restrict__ v_cache, TO* __restrict__ out, int pos0, int tokens,
-                                             int head_dim, int q_dim, int kv_dim, int h, int kvh, int tile, float* smem) {
-  constexpr int R = 1024 / DMAX, ROWS = 4 * R, LD = DMAX + 4, E = DMAX / 32;
+__device__ __noinline__ void prefill_simt(const TQ* __restrict__ q, const TKV* __restrict__ k_cache,
+                                          const TKV* __restrict__ v_cache, TO* __restrict__ out, int pos0, int tokens,
+                                          int head_dim, int q_dim, int kv_dim, int h, int kvh, int tile, float* smem) {
+  constexpr int R = prefill_simt_rows(DMAX), ROWS = 4 * R, LD = DMAX + 4, E = DMAX / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int d4 = (head_dim + 3) & ~3;   // dims the dot products run over: zeros past head_dim
   float* qs = smem;                     // [ROWS][LD] the pass's query rows
   float* kv = qs + ROWS * LD;           // [32][LD] the key tile's K, then its V
   float* ps = kv + 32 * LD + warp * 32 * R;   // [32][R] the warp's softmax weights, key-major
   const float scale = rsqrtf((float)head_dim);
-  // rows first .. first + n - 1 of src into dst as f32; rows >= limit and dims >= head_dim are zeros
-  auto stage = [&](float* dst, auto src, int stride, int first, int n, int limit) {
-    for (int r = warp; r < n; r += PREFILL_ATTN_THREADS / 32)
-      for (int d = lane; d < d4; d += 32)
-        dst[r * LD + d] = first + r < limit && d < head_dim ? to_f32(src[(size_t)(first + r) * stride + d]) : 0.0f;
-  };
   const TKV* kh = k_cache + (size_t)kvh * head_dim;
   const TKV* vh = v_cache + (size_t)kvh * head_dim;
   const int row_end = min(tile * PREFILL_ATTN_BQ + PREFILL_ATTN_BQ, tokens);
   for (int r0 = tile * PREFILL_ATTN_BQ; r0 < row_end; r0 += ROWS) {
     __syncthreads();   // the previous pass is done with qs and kv
-    stage(qs, q + (size_t)h * head_dim, q_dim, r0, ROWS, tokens);
+    prefill_stage_f32(qs, LD, q + (size_t)h * head_dim, q_dim, r0, ROWS, tokens, head_dim);
     const int n_kv = pos0 + min(r0 + ROWS, tokens), pos_w = pos0 + r0 + warp * R;
     float o[R][E], m[R], l[R];   // l: this lane's keys' share of the row sum
 #pragma unroll
@@ -251,7 +265,7 @@ __device__ __forceinline__ void prefill_simt(const TQ* __restrict__ q, const TKV
     }
     for (int k0 = 0; k0 < n_kv; k0 += 32) {
       __syncthreads();   // qs staged; the last tile's V read
-      stage(kv, kh, kv_dim, k0, 32, n_kv);
+      prefill_stage_f32(kv, LD, kh, kv_dim, k0, 32, n_kv, head_dim);
       __syncthreads();
       float s[R];
 #pragma unroll
@@ -278,9 +292,10 @@ __device__ __forceinline__ void prefill_simt(const TQ* __restrict__ q, const TKV
         for (int e = 0; e < E; ++e) o[r][e] *= corr;
       }
 #pragma unroll
-      for (int r = 0; r < R; r += 4) *reinterpret_cast<float4*>(ps + lane * R + r) = make_float4(s[r], s[r + 1], s[r + 2], s[r + 3]);
+      for (int r = 0; r < R; r += 4)
+        *reinterpret_cast<float4*>(ps + lane * R + r) = make_float4(s[r], s[r + 1], s[r + 2], s[r + 3]);
       __syncthreads();   // every warp is done with K
-      stage(kv, vh, kv_dim, k0, 32, n_kv);
+      prefill_stage_f32(kv, LD, vh, kv_dim, k0, 32, n_kv, head_dim);
       __syncthreads();
       const int n = min(32, n_kv - k0);
       for (int j = 0; j < n; ++j) {
@@ -305,9 +320,10 @@ __device__ __forceinline__ void prefill_simt(const TQ* __restrict__ q, const TKV
       for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
       const int t = r0 + warp * R + r;
       if (t >= tokens) continue;
+      TO* dst = out + (size_t)t * q_dim + (size_t)h * head_dim + lane;
 #pragma unroll
       for (int e = 0; e < E; ++e)
-        if (lane + 32 * e < head_dim) out[(size_t)t * q_dim + (size_t)h * head_dim + lane + 32 * e] = from_f32<TO>(o[r][e] / sum);
+        if (lane + 32 * e < head_dim) dst[32 * e] = from_f32<TO>(o[r][e] / sum);
     }
   }
 }
@@ -316,6 +332,9 @@ __device__ __forceinline__ void prefill_simt(const TQ* __restrict__ q, const TKV
 // longest blocks do not start last; the heads of a tile are adjacent, so those sharing a KV head read
 // its tiles at about the same time (from L2). smem: prefill_attn_smem_bytes(head_dim, sizeof(TKV)),
 // 16-byte aligned. head_dim even, <= 256; n_heads a multiple of n_kv_heads.
+// The paths are separate functions (__noinline__): inlined together, the run-time head_dim dispatch
+// of the generic build took 255 registers and spilled (sm_90); apart, none spills and the kernel takes
+// the largest path's registers.
 template <typename TQ, typename TKV, typename TO>
 __device__ __forceinline__ void prefill_attention(const TQ* __restrict__ q, const TKV* __restrict__ k_cache,
                                                   const TKV* __restrict__ v_cache, TO* __restrict__ out, int pos0, int tokens,
