@@ -28,15 +28,16 @@ def test_streamed_tokens_are_the_clis_tokens(tiny, tmp_path):
 
 def test_generate_yields_each_token_before_computing_the_next(tiny):
     engine = dtypeforge.load(tiny, device="reference")
-    steps = []
-    step = engine.backend.step
+    steps, prefills = [], []
+    step, prefill = engine.backend.step, engine.backend.prefill
     engine.backend.step = lambda tok, pos: (steps.append(pos), step(tok, pos))[1]
+    engine.backend.prefill = lambda toks, pos: (prefills.append((list(toks), pos)), prefill(toks, pos))[1]
     prompt_ids = engine.encode("Hi")
     gen = engine.generate("Hi", max_new_tokens=5)
     next(gen)
-    assert len(steps) == len(prompt_ids)          # the prompt only: the first token costs no extra step
+    assert prefills == [(prompt_ids, 0)] and steps == []   # the prompt only: the first token costs no decode step
     next(gen)
-    assert len(steps) == len(prompt_ids) + 1
+    assert steps == [len(prompt_ids)]
 
 
 def test_user_errors_are_one_catchable_family(tiny):

@@ -50,7 +50,7 @@ def _block_threads(manifest: dict, shaped: bool) -> dict[str, int]:
     RoPE's head_dim // 2, at the largest head_dim attention supports, 256)."""
     out: dict[str, int] = {}
     key = "shaped_kernel" if shaped else "kernel"
-    for launch in manifest["decode_step"]:
+    for launch in manifest["decode_step"] + manifest["prefill_step"]:
         n = int(evaluate(launch["block"], {"head_dim": 256}))
         for name in [launch[key]] + [v[key] for v in launch.get("variants", [])]:
             out[name] = max(n, out.get(name, 0))
@@ -82,3 +82,36 @@ def test_target_compiles(arch, target, shaped, tmp_path, caplog):
     assert set(used) == set(threads), f"ptxas reported {sorted(used)}"
     for name, n in threads.items():
         assert int(used[name]) * n <= REGISTER_FILE, f"{name}: {used[name]} registers x {n} threads > {REGISTER_FILE}"
+
+
+@pytest.mark.compile
+def test_launch_sizes_mirror_the_device_headers(tmp_path):
+    """The shared memory the Plan writes into manifests for the prefill GEMM tiles and prefill attention
+    (kernels.gemm_smem_bytes, expr.prefill_attn_smem) is what dtf/gemm.cuh and dtf/prefill_attention.cuh
+    compute for themselves: both functions evaluated by nvcc's host compiler for every tile, compute
+    dtype, head_dim and cache element size."""
+    import subprocess
+
+    from dtypeforge.codegen.compile import HEADERS
+    from dtypeforge.codegen.expr import prefill_attn_smem
+    from dtypeforge.codegen.kernels import GEMM_TILES, gemm_smem_bytes
+    src = tmp_path / "sizes.cu"
+    tiles = "".join(f'  printf("gemm %d %d %d %d\\n", 2, {m}, {n}, dtf::gemm_smem_bytes<__half, __half, __half, {m}, {n}>());\n'
+                    f'  printf("gemm %d %d %d %d\\n", 4, {m}, {n}, dtf::gemm_smem_bytes<float, float, float, {m}, {n}>());\n'
+                    for m, n in GEMM_TILES)
+    src.write_text("#define DTF_FP8 1\n#define DTF_ARITH_F16 1\n#define DTF_ARITH_BF16 1\n#define DTF_PDL 0\n"
+                   "#define DTF_GEMV_LOADS 8\n#define DTF_GEMV_ROTATE_BATCHES 0\n#define DTF_L2_PREFETCH_KIB 0\n"
+                   "#define DTF_ATTN_THREADS 512\n#define DTF_ATTN_MAX_HEAD_DIM 256\n#include <cstdio>\n"
+                   '#include "dtf/dtypes.cuh"\n#include "dtf/rows.cuh"\n#include "dtf/attention.cuh"\n'
+                   '#include "dtf/gemm.cuh"\n#include "dtf/prefill_attention.cuh"\nint main() {\n' + tiles +
+                   '  for (int hd = 2; hd <= 256; hd += 2)\n    for (int eb = 2; eb <= 4; eb += 2)\n'
+                   '      printf("attn %d %d %d\\n", hd, eb, dtf::prefill_attn_smem_bytes(hd, eb));\n}\n')
+    exe = tmp_path / "sizes"
+    subprocess.run(["nvcc", "-std=c++17", f"-I{HEADERS}", "-arch=sm_90", "-o", str(exe), str(src)], check=True,
+                   capture_output=True)
+    lines = [l.split() for l in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()]
+    gemm = [tuple(map(int, l[1:])) for l in lines if l[0] == "gemm"]
+    attn = [tuple(map(int, l[1:])) for l in lines if l[0] == "attn"]
+    assert len(gemm) == 2 * len(GEMM_TILES) and len(attn) == 256
+    assert [(c, m, n, gemm_smem_bytes(c, m, n)) for c, m, n, _ in gemm] == gemm
+    assert [(hd, eb, prefill_attn_smem(hd, eb)) for hd, eb, _ in attn] == attn
