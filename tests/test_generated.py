@@ -15,6 +15,7 @@ import yaml
 from dtypeforge.codegen.build import GENERATED
 from dtypeforge.cli import main
 from dtypeforge.codegen.dtypes import DTYPES
+from dtypeforge.codegen.expr import symbols_of
 from dtypeforge.codegen.plan import all_targets, resolve
 from dtypeforge.codegen.specs import load_specs
 
@@ -73,7 +74,7 @@ def test_kernel_names_spell_every_dtype_and_are_unique():
                                                    r'\((.*?)\) \{\n  (\w+)_body\((.*?)\);\n\}', cu, re.S)}
         n_defined = len(re.findall(r'extern "C" __global__', cu))
         entries = [(k, n) for k in plan.kernels.values() for n in [k.name] + [f"{k.name}_{v.suffix}" for v in k.family.variants]]
-        shaped = {l.shaped(n): (l, n) for l in plan.launches for n in [l.kernel] + [f"{l.kernel}_{v.suffix}" for v in l.variants]}
+        shaped = {l.shaped(n): (l, n) for l in plan.launches + plan.prefill for n in [l.kernel] + [f"{l.kernel}_{v.suffix}" for v in l.variants]}
         assert n_defined == len(defined) == len(entries) + len(shaped), plan.target
         for k, name in entries:
             for prm in k.family.params:
@@ -93,7 +94,9 @@ def test_kernel_names_spell_every_dtype_and_are_unique():
             assert body == name and sig == defined[name][0], entry
             consts = {a["param"]: a["macro"] for a in launch.args if "macro" in a}
             assert passed.split(", ") == [consts.get(p, p) for p in plan.kernels[launch.kernel].param_names()], entry
-            assert {a["param"] for a in launch.args if a["kind"] == "int"} - set(consts) <= {"max_seq"}, entry
+            # every int argument is a constant but those of the run: the context and a prefill launch's rows
+            per_run = {a["param"] for a in launch.args if a["kind"] == "int" and symbols_of(a["value"]) & {"max_seq", "tokens"}}
+            assert {a["param"] for a in launch.args if a["kind"] == "int"} - set(consts) == per_run, entry
 
 
 def test_only_ops_marked_early_let_the_next_launch_start_at_once():

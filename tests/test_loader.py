@@ -234,7 +234,8 @@ def test_model_env_defaults_in_dependency_order_and_max_seq_cap(tiny):
     cfg = json.loads((tiny / "config.json").read_text())
     env = model_env(m, cfg, "config.json")
     assert env == {"hidden": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "intermediate": 128,
-                   "vocab": 512, "max_seq": 256, "rms_eps": 1e-5, "rope_theta": 10000.0, "tie_embeddings": True}
+                   "vocab": 512, "max_seq": 256, "rms_eps": 1e-5, "rope_theta": 10000.0, "tie_embeddings": True,
+                   "chunk": 64}      # the reference device's prefill_chunk
     bare = {k: v for k, v in cfg.items() if k not in ("num_key_value_heads", "rms_norm_eps", "rope_theta",
                                                       "tie_word_embeddings")}
     bare["head_dim"] = None          # null means "derive it", as in transformers
@@ -243,6 +244,7 @@ def test_model_env_defaults_in_dependency_order_and_max_seq_cap(tiny):
         (4, 16, 1e-6, 10000.0, False)
     assert isinstance(model_env(m, {**cfg, "rope_theta": 500000}, "c")["rope_theta"], float)
     assert model_env(m, cfg, "c", max_seq=100)["max_seq"] == 100
+    assert model_env(m, cfg, "c", max_seq=40)["chunk"] == 40      # the prefill buffers never exceed the context
     assert model_env(m, cfg, "c", max_seq=10_000)["max_seq"] == 256
     with pytest.raises(ConfigError, match="max_seq cap must be a positive int, found 0"):
         model_env(m, cfg, "c", max_seq=0)

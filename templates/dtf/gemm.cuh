@@ -27,7 +27,8 @@
 #define DTF_GEMM_WGMMA 1
 #endif
 // The PTX ISA asks for an async-proxy fence between shared-memory writes and the wgmma that read them;
-// Triton's and FlashAttention-3's cp.async + wgmma pipelines do without it. 0 drops it (timing experiment).
+// Triton's and FlashAttention-3's cp.async + wgmma pipelines seem to do without one after cp.async.
+// 0 drops it (an experiment: it costs a MEMBAR.CTA per thread and chunk).
 #ifndef DTF_GEMM_WG_PROXY_FENCE
 #define DTF_GEMM_WG_PROXY_FENCE 1
 #endif
@@ -66,8 +67,9 @@ template <int BN> __host__ __device__ constexpr int gemm_ldc() { return BN + 8; 
 // Dynamic shared memory bytes of a tile: the larger of the mainloop's stages (tensor-core or SIMT path,
 // whichever the device compiles) and the f32 C tile, which reuses them once the mainloop is done.
 // sm90a: the kernel is built for sm_90a (-arch=sm_90a), where CT = TX = TW = f16 / bf16 takes the wgmma
-// path, whose stages need more (a launch with the smaller size still works, on the mma.sync path);
-// elsewhere (and for the other dtype combinations) true only wastes shared memory.
+// path, whose stages need GEMM_WG_STAGES * (BM + BN) * 128 bytes plus 1024 to align them (a launch with
+// the smaller size still works, on the mma.sync path). Other dtype combinations ignore it; for a kernel
+// built for another arch it only wastes shared memory.
 template <typename CT, typename TX, typename TW, int BM, int BN>
 __host__ __device__ constexpr int gemm_smem_bytes(bool sm90a = false) {
   int tc = Same<CT, float>::value ? 0 : GEMM_STAGES * (BM + BN) * GEMM_BK * 2;
@@ -516,10 +518,10 @@ __device__ __forceinline__ float* gemm_wgmma(XRow x_row, WRow w_row, int K, unsi
   using LW = Operand<CT, CT, BN, BK, false>;
   const unsigned s0 = smem_addr(smem), xs = (s0 + GEMM_WG_ALIGN - 1) & ~(unsigned)(GEMM_WG_ALIGN - 1);
   const unsigned ws = xs + S * LX::STAGE_BYTES;
-  if (ws + S * LW::STAGE_BYTES > dynamic_smem_end()) return gemm_tc<CT, CT, CT, BM, BN>(x_row, w_row, K, smem, any);
-  LX lx(x_row, K, smem + (xs - s0), any);
+  const bool fits = ws + S * LW::STAGE_BYTES <= dynamic_smem_end();
+  LX lx(x_row, K, smem + (xs - s0), any);   // (touches no shared memory: harmless where it does not fit)
   LW lw(w_row, K, smem + (ws - s0), any);
-  if (!(lx.vec && lw.vec)) return gemm_tc<CT, CT, CT, BM, BN>(x_row, w_row, K, smem, any);
+  if (!(fits && lx.vec && lw.vec)) return gemm_tc<CT, CT, CT, BM, BN>(x_row, w_row, K, smem, any);
   DTF_GEMM_TRACE('w');
   WgTile<CT, BM, BN> wt;
   const int nk = (K + BK - 1) / BK;
@@ -626,8 +628,8 @@ __device__ __forceinline__ float* gemm_simt(XRow x_row, WRow w_row, int K, unsig
 // ends with __syncthreads(), so all may read the whole tile after.
 // 16-byte vector loads (cp.async where TX, TW are CT) need K * sizeof(T) % 16 == 0 and x + m * ldx,
 // w_row(n) 16-byte aligned; anything else (K = 172, odd ldx) is read with scalar loads, correctly but slower.
-// 128x256 (as much shared memory as 128 KiB of C tile, 132 KiB, and 128 accumulators a thread) is for
-// sm_90a's wgmma path on H100 / H200; the other paths compute it too, correctly.
+// 128x256 is meant for sm_90a's wgmma path on H100 / H200 (193 KiB of shared memory at 4 stages, 128
+// accumulators a thread); the other paths compute it correctly too, in 132 KiB (its f32 C tile).
 template <typename CT, typename TX, typename TW, int BM, int BN, typename WRow>
 __device__ float* gemm_tile(const TX* __restrict__ x, int ldx, int m_rows, WRow w_row, int K, unsigned char* smem) {
   static_assert((BM == 128 && BN == 256) || (BM == 128 && BN == 128) || (BM == 128 && BN == 64) ||

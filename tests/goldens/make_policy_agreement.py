@@ -84,13 +84,20 @@ def reference_backend(policy: str, model: Path, max_seq: int) -> ReferenceBacken
 
 
 class _KeepLogits:
-    """Passes steps through to a backend, keeping the logits of the step at position ``at``."""
+    """Passes prefill and steps through to a backend, keeping the logits at position ``at`` (the
+    prompt's last: what prefill returns)."""
 
     def __init__(self, backend, at: int):
         self.backend, self.at, self.logits = backend, at, None
 
     def reset(self) -> None:
         self.backend.reset()
+
+    def prefill(self, tokens: list[int], pos: int) -> np.ndarray:
+        logits = self.backend.prefill(tokens, pos)
+        if pos + len(tokens) - 1 == self.at:
+            self.logits = logits
+        return logits
 
     def step(self, token: int, pos: int) -> np.ndarray:
         logits = self.backend.step(token, pos)
