@@ -182,6 +182,13 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo], step: str = "d
     return out
 
 
+def prefill_chunks(n_tokens: int, chunk: int):
+    """(start, stop, last) of each prefill launch of an n-token prompt: chunks of `chunk` rows, the last
+    one shorter; `last` marks the one after which the step's final ops run."""
+    for start in range(0, n_tokens, chunk):
+        yield start, min(start + chunk, n_tokens), start + chunk >= n_tokens
+
+
 def shape_defines(manifest: dict, env: dict) -> tuple[str, ...] | None:
     """The nvcc options that compile a target's shaped entry points for the model `env` describes:
     -DDTF_SHAPED and each fixed int argument's value as its macro (manifest.json's "macro"), evaluated

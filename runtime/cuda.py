@@ -29,7 +29,7 @@ import numpy as np
 from dtypeforge.codegen.compile import ARCH_RE, compile_cubin, header_files, toolchains_for
 from dtypeforge.codegen.dtypes import DTYPES, INDEX_NP, from_storage
 
-from .binding import INDEX, BoundLaunch, bind, buffer_table, shape_defines
+from .binding import INDEX, BoundLaunch, bind, buffer_table, prefill_chunks, shape_defines
 from .errors import BackendUnavailable, KernelError
 from .target import cache_root
 
@@ -397,8 +397,8 @@ class CudaBackend:
         the last token's logits. The decode step then continues at pos + len(tokens)."""
         chunk = self.env["chunk"]
         try:
-            for start in range(0, len(tokens), chunk):
-                part = tokens[start:start + chunk]
+            for start, stop, last in prefill_chunks(len(tokens), chunk):
+                part = tokens[start:stop]
                 self.stream.synchronize()             # the host buffers below are free again
                 self.prompt[:len(part)] = part
                 self.pos[0] = pos + start
@@ -412,7 +412,7 @@ class CudaBackend:
                 else:
                     for c in body:
                         c.run()
-                if start + chunk >= len(tokens):
+                if last:
                     for c in final:
                         c.run()
             self.stream.synchronize()

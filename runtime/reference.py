@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from dtypeforge.codegen.dtypes import from_storage, round_to
-from .binding import bind, buffer_table
+from .binding import bind, buffer_table, prefill_chunks
 
 F32 = np.float32
 
@@ -318,12 +318,10 @@ class ReferenceBackend:
     def prefill(self, tokens, pos: int = 0) -> np.ndarray:
         """Run the prompt `tokens` at positions pos.. through the prefill step, a chunk at a time; returns
         the last token's logits as float32 (the decode step then continues at pos + len(tokens))."""
-        chunk = self.env["chunk"]
-        for start in range(0, len(tokens), chunk):
-            part = tokens[start:start + chunk]
+        for start, stop, last in prefill_chunks(len(tokens), self.env["chunk"]):
+            part = tokens[start:stop]
             self.arrays["prompt"][:len(part)] = part
             self.arrays["pos"][0] = pos + start
-            last = start + chunk >= len(tokens)
             for fn, args, dtypes, final in self.prefill_program(len(part)):
                 if last or not final:
                     fn(args, dtypes)

@@ -5,10 +5,6 @@
 // rounded once to the compute dtype CT (cvt<CT>, RNE) and exact products are summed in f32: f16/bf16
 // on sm_80+ on tensor cores (mma.sync m16n8k16, f32 accumulators, fed by ldmatrix from a swizzled
 // multi-stage cp.async pipeline), f32 compute and older GPUs on a SIMT path (fmaf into registers).
-// Built for sm_90a (Hopper with its arch-specific features), f16/bf16 operands already in CT go through
-// warpgroup MMA instead (wgmma.mma_async, f32 accumulators, both operands read by the tensor cores from
-// 128-byte-swizzled shared memory that cp.async fills): same numbers, same contract, more shared memory
-// (gemm_smem_bytes(true)); a launch given less falls back to mma.sync.
 // Included after dtypes.cuh and rows.cuh (Widen, ExactIn, round_to); the target's kernels.cu defines
 // DTF_FP8, DTF_ARITH_F16, DTF_ARITH_BF16 and the tuning macros before them (templates/kernels.cu.j2).
 
@@ -17,41 +13,11 @@
 #ifndef DTF_GEMM_STAGES
 #define DTF_GEMM_STAGES 4
 #endif
-// Stages of the sm_90a wgmma path, 64 k each: (BM + BN) * 128 bytes a stage (128 x 128: 32 KiB). At least 3:
-// one being read by the warpgroups' MMAs in flight, one by those being issued, the rest loading.
-#ifndef DTF_GEMM_WG_STAGES
-#define DTF_GEMM_WG_STAGES 4
-#endif
-// 0 leaves sm_90a builds on the mma.sync path (for comparison).
-#ifndef DTF_GEMM_WGMMA
-#define DTF_GEMM_WGMMA 1
-#endif
-// The PTX ISA asks for an async-proxy fence between shared-memory writes and the wgmma that read them;
-// Triton's and FlashAttention-3's cp.async + wgmma pipelines seem to do without one after cp.async.
-// 0 drops it (an experiment: it costs a MEMBAR.CTA per thread and chunk).
-#ifndef DTF_GEMM_WG_PROXY_FENCE
-#define DTF_GEMM_WG_PROXY_FENCE 1
-#endif
-// A test harness may define DTF_GEMM_TRACE(path) to learn which path ran: 'w' wgmma, 't' mma.sync, 's' SIMT.
-#ifndef DTF_GEMM_TRACE
-#define DTF_GEMM_TRACE(path) ((void)0)
-#endif
-// The wgmma path is compiled in only for sm_90a: wgmma needs the arch-specific feature set, which the
-// plain sm_90 target (and every later arch) lacks.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL) && DTF_GEMM_WGMMA
-#define DTF_GEMM_SM90A 1
-#else
-#define DTF_GEMM_SM90A 0
-#endif
 
 namespace dtf {
 constexpr int GEMM_THREADS = 256;    // the block size every caller launches with: 8 warps
 constexpr int GEMM_BK = 32, GEMM_STAGES = DTF_GEMM_STAGES;   // BK 64: the register-staged paths spill at 128
 constexpr int GEMM_SIMT_BK = 16;     // SIMT path: k per stage, two f32 stages (128 x 64: 24 KiB)
-// wgmma path: 64 k (128 bytes) per stage row, one 128-byte swizzle atom; stages 1024-byte aligned, the
-// swizzle's period, so the block may need up to 1024 - 16 bytes in front of them.
-constexpr int GEMM_WG_BK = 64, GEMM_WG_STAGES = DTF_GEMM_WG_STAGES, GEMM_WG_ALIGN = 1024;
-static_assert(GEMM_WG_STAGES >= 3, "DTF_GEMM_WG_STAGES: at least 3");
 
 template <typename A, typename B> struct Same { static constexpr bool value = false; };
 template <typename A> struct Same<A, A> { static constexpr bool value = true; };
@@ -66,20 +32,12 @@ template <int BN> __host__ __device__ constexpr int gemm_ldc() { return BN + 8; 
 
 // Dynamic shared memory bytes of a tile: the larger of the mainloop's stages (tensor-core or SIMT path,
 // whichever the device compiles) and the f32 C tile, which reuses them once the mainloop is done.
-// sm90a: the kernel is built for sm_90a (-arch=sm_90a), where CT = TX = TW = f16 / bf16 takes the wgmma
-// path, whose stages need GEMM_WG_STAGES * (BM + BN) * 128 bytes plus 1024 to align them (a launch with
-// the smaller size still works, on the mma.sync path). Other dtype combinations ignore it; for a kernel
-// built for another arch it only wastes shared memory.
 template <typename CT, typename TX, typename TW, int BM, int BN>
-__host__ __device__ constexpr int gemm_smem_bytes(bool sm90a = false) {
+__host__ __device__ constexpr int gemm_smem_bytes() {
   int tc = Same<CT, float>::value ? 0 : GEMM_STAGES * (BM + BN) * GEMM_BK * 2;
   int simt = 2 * (BM + BN) * GEMM_SIMT_BK * 4;
   int c = BM * gemm_ldc<BN>() * 4;
-  bool wg = sm90a && Same<CT, TX>::value && Same<CT, TW>::value &&
-            (Same<CT, __half>::value || Same<CT, __nv_bfloat16>::value);
-  int wgmma = wg ? GEMM_WG_STAGES * (BM + BN) * GEMM_WG_BK * 2 + GEMM_WG_ALIGN : 0;
   int m = tc > simt ? tc : simt;
-  m = m > wgmma ? m : wgmma;
   return m > c ? m : c;
 }
 
@@ -113,91 +71,6 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uns
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-#if DTF_GEMM_SM90A
-// ---- PTX (sm_90a): warpgroup MMA ---------------------------------------------------------------
-// End (shared address) of the launch's dynamic shared memory: every extern __shared__ array starts at its
-// base, %dynamic_smem_size is its size. The wgmma path checks that its stages fit before using them.
-__device__ __forceinline__ unsigned dynamic_smem_end() {
-  extern __shared__ __align__(16) unsigned char dtf_gemm_dynamic_smem[];
-  unsigned size;
-  asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(size));
-  return smem_addr(dtf_gemm_dynamic_smem) + size;
-}
-// cp.async writes shared memory through the generic proxy and wgmma reads it through the async proxy: each
-// writer orders its landed copies before the barrier that hands them to the MMAs (PTX ISA, wgmma "Async Proxy").
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Orders this warpgroup's earlier register accesses (the accumulators) before the wgmma that follow.
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-// Waits until at most N of this warpgroup's committed wgmma groups are pending (their shared-memory reads
-// and accumulator writes are done for the rest).
-template <int N> __device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Pins the accumulators around the asynchronous MMAs: the compiler may not move or copy them across
-// (an access while a wgmma is in flight makes ptxas serialize the MMAs).
-template <int R> __device__ __forceinline__ void wgmma_fence_acc(float (&d)[R]) {
-#pragma unroll
-  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-// d[0, N/2) += A (64 x 16 at descriptor a) · B (N x 16 at descriptor b)ᵀ for one warpgroup, f32 accumulators.
-// Immediates: scale-a, scale-b 1 (no negation), trans-a, trans-b 0 (both K-major); scale-d (p) true: d += .
-// Accumulator i of warp w (of the warpgroup), lane l: row 16 w + l / 4 + 8 (i / 2 % 2), column
-// 8 (i / 4) + 2 (l % 4) + i % 2 (PTX ISA, "Register Fragments", m64nNk16 D), as mma.sync's C fragments.
-template <typename CT, int N>
-__device__ __forceinline__ void wgmma_async(float (&d)[N / 2], unsigned long long a, unsigned long long b);
-#define DTF_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
-                    "+f"(d[i + 6]), "+f"(d[i + 7])
-#define DTF_ACC16(i) DTF_ACC8(i), DTF_ACC8(i + 8)
-#define DTF_ACC32(i) DTF_ACC16(i), DTF_ACC16(i + 16)
-#define DTF_ACC64(i) DTF_ACC32(i), DTF_ACC32(i + 32)
-#define DTF_ACC128(i) DTF_ACC64(i), DTF_ACC64(i + 64)
-// The N / 2 accumulator registers' operand numbers, %0 first.
-#define DTF_WGMMA_REGS_32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
-#define DTF_WGMMA_REGS_64 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-#define DTF_WGMMA_REGS_128 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define DTF_WGMMA_REGS_256 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
-  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
-  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
-  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
-  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-// N: the n of the shape; ACC: its N / 2 accumulator operands; A, B, P: the operand numbers after them.
-#define DTF_WGMMA(CT, T, N, ACC, A, B, P)                                                                         \
-  template <>                                                                                                    \
-  __device__ __forceinline__ void wgmma_async<CT, N>(float (&d)[N / 2], unsigned long long a, unsigned long long b) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #P ", 0;\n"                                                \
-                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." T "." T " {" DTF_WGMMA_REGS_##N "}, %" #A   \
-                 ", %" #B ", p, 1, 1, 0, 0;\n}\n"                                                                \
-                 : ACC                                                                                           \
-                 : "l"(a), "l"(b), "r"(1));                                                                      \
-  }
-DTF_WGMMA(__half, "f16", 32, DTF_ACC16(0), 16, 17, 18)
-DTF_WGMMA(__half, "f16", 64, DTF_ACC32(0), 32, 33, 34)
-DTF_WGMMA(__half, "f16", 128, DTF_ACC64(0), 64, 65, 66)
-DTF_WGMMA(__half, "f16", 256, DTF_ACC128(0), 128, 129, 130)
-DTF_WGMMA(__nv_bfloat16, "bf16", 32, DTF_ACC16(0), 16, 17, 18)
-DTF_WGMMA(__nv_bfloat16, "bf16", 64, DTF_ACC32(0), 32, 33, 34)
-DTF_WGMMA(__nv_bfloat16, "bf16", 128, DTF_ACC64(0), 64, 65, 66)
-DTF_WGMMA(__nv_bfloat16, "bf16", 256, DTF_ACC128(0), 128, 129, 130)
-#undef DTF_WGMMA
-#undef DTF_ACC8
-#undef DTF_ACC16
-#undef DTF_ACC32
-#undef DTF_ACC64
-#undef DTF_ACC128
-#undef DTF_WGMMA_REGS_32
-#undef DTF_WGMMA_REGS_64
-#undef DTF_WGMMA_REGS_128
-#undef DTF_WGMMA_REGS_256
-#endif  // DTF_GEMM_SM90A
-
 // ---- shared-memory layouts ---------------------------------------------------------------------
 // Tensor-core stage of one operand: ROWS rows of BK CT values (k contiguous, as ldmatrix reads them),
 // the row's 16-byte chunks XOR-swizzled by row: ldmatrix's 8 rows of one chunk then sit in 8
@@ -206,18 +79,6 @@ template <int BK> __host__ __device__ constexpr int tc_off(int row, int k) {
   constexpr int CH = BK / 8;   // chunks per row: 4 or 8
   return row * BK + ((((k >> 3) ^ (row / (8 / CH))) & (CH - 1)) << 3) + (k & 7);
 }
-#if DTF_GEMM_SM90A
-// Shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format") of a K-major operand tile whose rows
-// are 128 bytes (64 k of 16-bit values) in the 128-byte swizzle: row r's 16-byte chunk j at
-// r * 128 + ((j ^ (r % 8)) * 16) from a 1024-byte aligned atom of 8 rows: tc_off<64>.
-// Bits 0-13: start address >> 4; 16-29: leading byte offset >> 4, unused by swizzled K-major layouts (1 by
-// convention); 32-45: stride byte offset >> 4, 1024 between 8-row groups; 49-51: base offset 0 (atoms
-// 1024-aligned); 62-63: swizzle mode, 1 = 128 bytes. The k-th 16-wide slice of a row starts 32 k bytes in:
-// the hardware applies the swizzle to the address bits, so advancing the start address is enough.
-__device__ __forceinline__ unsigned long long wgmma_desc(unsigned addr) {
-  return (unsigned long long)((addr & 0x3FFFF) >> 4) | 1ull << 16 | (unsigned long long)(1024 >> 4) << 32 | 1ull << 62;
-}
-#endif
 // SIMT stage: k-major f32, [BK][ROWS], so a thread's 4 consecutive rows of one k are one float4.
 
 // ---- one operand's k-chunks, global -> shared --------------------------------------------------
@@ -374,10 +235,10 @@ __device__ __forceinline__ void gemm_pipeline(LX& lx, LW& lw, int K, Math math) 
 
 // ---- tensor-core path (sm_80+, CT = f16 / bf16) ------------------------------------------------
 // 8 warps as WARPS_M x WARPS_N, each a WM x WN warp tile of MT x NT m16n8 accumulators:
-// 128x256: 64x64 warps (2x4), 128x128: 64x32 (2x4), 128x64: 32x32 (4x2), 64x64: 32x16 (2x4).
+// 128x128: 64x32 warps (2x4), 128x64: 32x32 (4x2), 64x64: 32x16 (2x4).
 template <typename CT, int BM, int BN, int BK>
 struct TcWarps {
-  static constexpr int WM = BM == 128 && BN >= 128 ? 64 : 32, WN = BM * BN / 8 / WM;
+  static constexpr int WM = BM == 128 && BN == 128 ? 64 : 32, WN = BM * BN / 8 / WM;
   static constexpr int WARPS_M = BM / WM, MT = WM / 16, NT = WN / 8;
   static_assert(NT % 2 == 0, "B fragments are loaded two n-tiles at a time");
   float acc[MT][NT][4];
@@ -435,7 +296,6 @@ struct TcWarps {
 
 template <typename CT, typename TX, typename TW, int BM, int BN, typename XRow, typename WRow>
 __device__ __forceinline__ float* gemm_tc(XRow x_row, WRow w_row, int K, unsigned char* smem, const void* any) {
-  DTF_GEMM_TRACE('t');
   constexpr int S = GEMM_STAGES, BK = GEMM_BK;
   using LX = Operand<TX, CT, BM, BK, false>;
   using LW = Operand<TW, CT, BN, BK, false>;
@@ -452,105 +312,6 @@ __device__ __forceinline__ float* gemm_tc(XRow x_row, WRow w_row, int K, unsigne
   __syncthreads();
   return c;
 }
-
-#if DTF_GEMM_SM90A
-// ---- wgmma path (sm_90a, CT = TX = TW = f16 / bf16) --------------------------------------------
-// Two warpgroups, each a 64 x WN slice of the tile: BM = 128 splits the rows (warpgroup g: rows 64 g on,
-// every column; WN = BN), BM = 64 the columns (all 64 rows, columns WN g on; WN = BN / 2). A stage holds
-// the X chunk [BM][64] and the W chunk [BN][64], each row 128 bytes in the 128-byte swizzle (tc_off<64>),
-// both K-major as the operands are K-contiguous in memory; each warpgroup describes its 64 rows of X and
-// its WN rows of W to the tensor cores, which read them straight from shared memory.
-template <typename CT, int BM, int BN>
-struct WgTile {
-  static constexpr int WN = BM == 128 ? BN : BN / 2;
-  static constexpr int ROW_BYTES = GEMM_WG_BK * 2;   // 128: one swizzle atom row
-  static_assert(BM == 128 || BM == 64, "warpgroup tiles are 64 rows");
-  float acc[WN / 2];
-  unsigned x_off, w_off;   // this warpgroup's rows within a stage's X and W chunks, bytes
-  int m0, n0;              // its first row and column in the tile
-
-  __device__ __forceinline__ WgTile() {
-    const int g = threadIdx.x / 128;
-    m0 = BM == 128 ? 64 * g : 0;
-    n0 = BM == 128 ? 0 : WN * g;
-    x_off = m0 * ROW_BYTES, w_off = n0 * ROW_BYTES;   // multiples of 1024: atoms stay aligned
-#pragma unroll
-    for (int i = 0; i < WN / 2; ++i) acc[i] = 0.0f;
-  }
-
-  // Issues (does not wait for) this warpgroup's MMAs over one stage: 4 k16 steps, one commit group.
-  // xs, ws: shared addresses of the stage's X and W chunks.
-  __device__ __forceinline__ void step(unsigned xs, unsigned ws) {
-    wgmma_fence_acc(acc);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < GEMM_WG_BK / 16; ++kk)
-      wgmma_async<CT, WN>(acc, wgmma_desc(xs + x_off + 32 * kk), wgmma_desc(ws + w_off + 32 * kk));
-    wgmma_commit();
-    wgmma_fence_acc(acc);
-  }
-
-  // The accumulators (all MMAs waited for) into the f32 C tile; fragment layout at wgmma_async.
-  __device__ __forceinline__ void store(float* c) const {
-    constexpr int LDC = gemm_ldc<BN>();
-    const int lane = threadIdx.x % 32, w = threadIdx.x / 32 % 4;
-    float* p = c + (m0 + 16 * w + lane / 4) * LDC + n0 + lane % 4 * 2;
-#pragma unroll
-    for (int j = 0; j < WN / 8; ++j) {
-      *reinterpret_cast<float2*>(p + 8 * j) = make_float2(acc[4 * j], acc[4 * j + 1]);
-      *reinterpret_cast<float2*>(p + 8 * LDC + 8 * j) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-    }
-  }
-};
-
-// The k loop, S stages of 64 k, all 256 threads loading (cp.async, 16-byte segments as the mma.sync path,
-// into the 1024-byte aligned stages) and each warpgroup issuing its MMAs. Chunk t: wait for this thread's
-// copies of t, fence them to the async proxy, barrier (everyone's copies of t have landed, and every
-// warpgroup has finished chunk t - 2's MMAs: it waited for them in iteration t - 1), load chunk t + S - 2
-// into t - 2's stage, issue t's MMAs, wait for t - 1's. So the MMAs of two chunks overlap the barrier and
-// the loads, S - 2 chunks load ahead, and no stage is overwritten while a warpgroup may still read it.
-// Falls back to the mma.sync path when the launch's dynamic shared memory is too small for the stages
-// (gemm_smem_bytes without sm90a) or when 16-byte copies are impossible (ragged K, unaligned rows).
-template <typename CT, int BM, int BN, typename XRow, typename WRow>
-__device__ __forceinline__ float* gemm_wgmma(XRow x_row, WRow w_row, int K, unsigned char* smem, const void* any) {
-  constexpr int S = GEMM_WG_STAGES, BK = GEMM_WG_BK;
-  using LX = Operand<CT, CT, BM, BK, false>;
-  using LW = Operand<CT, CT, BN, BK, false>;
-  const unsigned s0 = smem_addr(smem), xs = (s0 + GEMM_WG_ALIGN - 1) & ~(unsigned)(GEMM_WG_ALIGN - 1);
-  const unsigned ws = xs + S * LX::STAGE_BYTES;
-  const bool fits = ws + S * LW::STAGE_BYTES <= dynamic_smem_end();
-  LX lx(x_row, K, smem + (xs - s0), any);   // (touches no shared memory: harmless where it does not fit)
-  LW lw(w_row, K, smem + (ws - s0), any);
-  if (!(fits && lx.vec && lw.vec)) return gemm_tc<CT, CT, CT, BM, BN>(x_row, w_row, K, smem, any);
-  DTF_GEMM_TRACE('w');
-  WgTile<CT, BM, BN> wt;
-  const int nk = (K + BK - 1) / BK;
-#pragma unroll
-  for (int c = 0; c < S - 2; ++c) {
-    if (c < nk) lx.issue(c * BK, c), lw.issue(c * BK, c);
-    cp_async_commit();   // one group per chunk, empty or not: wait counts stay fixed
-  }
-  for (int t = 0, st = 0; t < nk; ++t, st = st == S - 1 ? 0 : st + 1) {
-    cp_async_wait<S - 3>();   // this thread's copies of chunk t have landed
-    if (DTF_GEMM_WG_PROXY_FENCE) fence_proxy_async();
-    __syncthreads();
-    const int ahead = t + S - 2, sa = st >= 2 ? st - 2 : st + S - 2;   // into chunk t - 2's stage
-    if (ahead < nk) lx.issue(ahead * BK, sa), lw.issue(ahead * BK, sa);
-    cp_async_commit();
-    wt.step(xs + st * LX::STAGE_BYTES, ws + st * LW::STAGE_BYTES);
-    wgmma_wait<1>();   // chunk t - 1's MMAs are done: its stage is free after the next barrier
-    wgmma_fence_acc(wt.acc);
-  }
-  wgmma_wait<0>();
-  wgmma_fence_acc(wt.acc);
-  cp_async_wait<0>();   // (only empty groups are left)
-  __syncthreads();      // every warpgroup is done with the stages, which the C tile overlaps
-  float* c = reinterpret_cast<float*>(smem);
-  wt.store(c);
-  __syncthreads();
-  return c;
-}
-#endif  // DTF_GEMM_SM90A
 
 // ---- SIMT path (CT = f32, or f16 / bf16 below sm_80) -------------------------------------------
 // 16 x 16 threads, each a TM x TN micro-tile in float4 strips 64 apart: rows (i / 4) 64 + 4 ty + i % 4,
@@ -602,7 +363,6 @@ struct SimtThreads {
 
 template <typename CT, typename TX, typename TW, int BM, int BN, typename XRow, typename WRow>
 __device__ __forceinline__ float* gemm_simt(XRow x_row, WRow w_row, int K, unsigned char* smem, const void* any) {
-  DTF_GEMM_TRACE('s');
   using LX = Operand<TX, CT, BM, GEMM_SIMT_BK, true>;
   using LW = Operand<TW, CT, BN, GEMM_SIMT_BK, true>;
   LX lx(x_row, K, smem, any);
@@ -623,28 +383,18 @@ __device__ __forceinline__ float* gemm_simt(XRow x_row, WRow w_row, int K, unsig
 // products exact, summed in f32 (tensor cores: in their f32 accumulators). Rows m >= m_rows are zero
 // and not read; w_row(n) is output channel n's K values, or nullptr beyond N (a zero column, not read).
 // x points at the tile's first row. smem: gemm_smem_bytes<CT, TX, TW, BM, BN>() bytes of dynamic
-// shared memory (gemm_smem_bytes<...>(true) for a kernel built for sm_90a, for the wgmma path), 16-byte
-// aligned; the returned f32 C tile is at its start. Every thread of the GEMM_THREADS must call it; it
-// ends with __syncthreads(), so all may read the whole tile after.
+// shared memory, 16-byte aligned; the returned f32 C tile is at its start. Every thread of the
+// GEMM_THREADS must call it; it ends with __syncthreads(), so all may read the whole tile after.
 // 16-byte vector loads (cp.async where TX, TW are CT) need K * sizeof(T) % 16 == 0 and x + m * ldx,
 // w_row(n) 16-byte aligned; anything else (K = 172, odd ldx) is read with scalar loads, correctly but slower.
-// 128x256 is meant for sm_90a's wgmma path on H100 / H200 (193 KiB of shared memory at 4 stages, 128
-// accumulators a thread); the other paths compute it correctly too, in 132 KiB (its f32 C tile).
 template <typename CT, typename TX, typename TW, int BM, int BN, typename WRow>
 __device__ float* gemm_tile(const TX* __restrict__ x, int ldx, int m_rows, WRow w_row, int K, unsigned char* smem) {
-  static_assert((BM == 128 && BN == 256) || (BM == 128 && BN == 128) || (BM == 128 && BN == 64) ||
-                    (BM == 64 && BN == 64),
-                "gemm_tile: BM x BN is 128x256, 128x128, 128x64 or 64x64");
+  static_assert((BM == 128 && BN == 128) || (BM == 128 && BN == 64) || (BM == 64 && BN == 64),
+                "gemm_tile: BM x BN is 128x128, 128x64 or 64x64");
   auto x_row = [=](int m) -> const TX* { return m < m_rows ? x + (size_t)m * ldx : nullptr; };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (!Same<CT, float>::value) {
-#if DTF_GEMM_SM90A
-    if constexpr (Same<CT, TX>::value && Same<CT, TW>::value)
-      return gemm_wgmma<CT, BM, BN>(x_row, w_row, K, smem, x);
-    else
-#endif
-      return gemm_tc<CT, TX, TW, BM, BN>(x_row, w_row, K, smem, x);
-  } else
+  if constexpr (!Same<CT, float>::value) return gemm_tc<CT, TX, TW, BM, BN>(x_row, w_row, K, smem, x);
+  else
 #endif
     return gemm_simt<CT, TX, TW, BM, BN>(x_row, w_row, K, smem, x);
 }
