@@ -69,6 +69,9 @@ class KernelFamily:
     # dynamic shared memory in bytes when a device header sizes it (an expression; `{itemsize_<param>}`
     # is the bytes per element of the dtype bound to that pointer parameter); else smem_elems
     smem_bytes: str | None = None
+    # role fields a CUDA template computes in one dtype only, {field: dtype} of its main role (the prefill
+    # GEMMs sum in tensor-core f32 accumulators); the reference backend takes any
+    cuda_fixed: tuple[tuple[str, str], ...] = ()
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
@@ -137,6 +140,7 @@ def tuned_sizes(tuning: dict[str, int], itemsizes: dict[str, int]) -> dict[str, 
 # whose tile pairs two channels (gate with up, a rotary pair's two halves).
 _GEMM_GRID = "cdiv(m, {gemm_bm}) * cdiv(%s, {gemm_bn})"
 _GEMM_PAIR_GRID = "cdiv(m, {gemm_bm}) * cdiv(%s, {gemm_bn} // 2)"
+_F32_SUMS = (("accumulate", "f32"),)
 _NORM_IN = (Param("x", "in", "x"), Param("gamma", "in", "g"))
 _MAIN = ("compute", "accumulate")
 _NORM = {"norm": ("compute", "accumulate", "output")}
@@ -211,19 +215,20 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  {"": _MAIN}, "m", "256"),
     KernelFamily("gemm",                  # y = x W^T over m rows (dtf/gemm.cuh)
                  _GEMV + (Param("x", "in", "x"), Param("y", "out", "y"), _M, Param("rows", "int"), Param("cols", "int")),
-                 {"": _MAIN}, _GEMM_GRID % "rows", f"{GEMM_THREADS}", smem_bytes="{gemm_smem}"),
+                 {"": _MAIN}, _GEMM_GRID % "rows", f"{GEMM_THREADS}", smem_bytes="{gemm_smem}", cuda_fixed=_F32_SUMS),
     KernelFamily("gemm_residual",         # x += a W^T (the GEMM rounded to output, then the residual add)
                  _GEMV + (Param("a", "in", "x"), Param("x", "inout", "h"), _M, Param("rows", "int"), Param("cols", "int")),
-                 {"": _MAIN + ("output",), "act": ("compute",)}, _GEMM_GRID % "rows", f"{GEMM_THREADS}", smem_bytes="{gemm_smem}"),
+                 {"": _MAIN + ("output",), "act": ("compute",)}, _GEMM_GRID % "rows", f"{GEMM_THREADS}", smem_bytes="{gemm_smem}", cuda_fixed=_F32_SUMS),
     KernelFamily("gemm_swiglu",           # gate/up GEMM (fused rows) -> SiLU(gate) * up
                  _GEMV + (Param("x", "in", "x"), Param("y", "out", "y"), _M, Param("rows", "int"), Param("cols", "int")),
-                 {"": _MAIN + ("output",), "act": ("compute",)}, _GEMM_PAIR_GRID % "rows", f"{GEMM_THREADS}", smem_bytes="{gemm_smem}"),
+                 {"": _MAIN + ("output",), "act": ("compute",)}, _GEMM_PAIR_GRID % "rows", f"{GEMM_THREADS}", smem_bytes="{gemm_smem}", cuda_fixed=_F32_SUMS),
     KernelFamily("gemm_rope_kv",          # q/k/v GEMM (fused rows) -> RoPE at pos + row -> q out, k/v into the caches
                  _GEMV + (Param("x", "in", "x"), Param("q", "out", "q"), Param("k_cache", "out", "kc"), Param("v_cache", "out", "vc"),
                           Param("pos", "index_in"), _M, Param("cols", "int"), Param("n_heads", "int"),
                           Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("inv_freq", "in", "f")),
                  {"": _MAIN + ("output",), "rope": ("compute",)},
-                 _GEMM_PAIR_GRID % "(n_heads + 2 * n_kv_heads) * (head_dim // 2)", f"{GEMM_THREADS}", smem_bytes="{gemm_smem}"),
+                 _GEMM_PAIR_GRID % "(n_heads + 2 * n_kv_heads) * (head_dim // 2)", f"{GEMM_THREADS}", smem_bytes="{gemm_smem}",
+                 cuda_fixed=_F32_SUMS),
     KernelFamily("rope_rows",
                  (Param("q", "inout", "q"), Param("k", "inout", "k"), Param("pos", "index_in"), _M,
                   Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int"), Param("inv_freq", "in", "f")),
@@ -237,7 +242,8 @@ FAMILIES: dict[str, KernelFamily] = {f.template: f for f in (
                  (Param("q", "in", "q"), Param("k_cache", "in", "kc"), Param("v_cache", "in", "vc"), Param("out", "out", "y"),
                   Param("pos", "index_in"), _M, Param("n_heads", "int"), Param("n_kv_heads", "int"), Param("head_dim", "int")),
                  {"": _MAIN}, f"n_heads * cdiv(m, {PREFILL_ATTN_BQ})", f"{PREFILL_ATTN_THREADS}",
-                 limits=(("head_dim", ATTN_MAX_HEAD_DIM),), smem_bytes="prefill_attn_smem(head_dim, {itemsize_k_cache})"),
+                 limits=(("head_dim", ATTN_MAX_HEAD_DIM),), smem_bytes="prefill_attn_smem(head_dim, {itemsize_k_cache})",
+                 cuda_fixed=(("compute", "f32"), ("accumulate", "f32"))),
     KernelFamily("last_row",              # the block's last row, where the decode step's final norm and lm_head start
                  (Param("xs", "in", "x"), Param("x", "out", "y"), _M, Param("hidden", "int")),
                  {}, "cdiv(hidden, 256)", "256"),

@@ -266,6 +266,11 @@ def _resolve_launches(plan: Plan, ops, out: list[Launch], key: str) -> None:
         for slot, fields in fam.slots.items():
             for f in fields:
                 dtypes[f"{slot}.{f}" if slot else f] = getattr(plan.roles[op.roles[slot]], f)
+        for f, want in fam.cuda_fixed if plan.device.kind == "cuda" else ():
+            if dtypes[f] != want:
+                raise plan.policy.error(op.roles[""], f, dtypes[f],
+                                        f"the {key} op {op.op} runs kernel {fam.template}, whose CUDA template takes {f} "
+                                        f"{want} only (the reference device takes any)")
         early = op.dependents == "early"
         name = instance_name(fam, dtypes) + ("_early" if early else "")
         plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes, early))

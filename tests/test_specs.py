@@ -355,3 +355,14 @@ def test_model_spec_rope_gate_and_computed_tensors_are_validated(specs_dir, caps
     edit(f, old, new)
     code, err = run_cli(specs_dir, capsys)
     assert_spec_error(code, err, f, None, key, fragment)
+
+
+def test_a_cuda_target_refuses_sums_its_prefill_kernels_cannot_make(specs_dir, capsys):
+    """The prefill GEMMs sum in tensor-core f32 accumulators: a policy accumulating a projection in f16
+    is refused for CUDA devices by file and line, and still builds for the reference device."""
+    f = specs_dir / "policies/f16.yaml"
+    line = edit(f, "o_proj:      {storage: f16, compute: f16, accumulate: f32,", "o_proj:      {storage: f16, compute: f16, accumulate: f16,")
+    assert_spec_error(*run_cli(specs_dir, capsys, "--device", "h100", "--policy", "f16"), f, line,
+                      "roles.o_proj.accumulate", "found 'f16'", "takes accumulate f32 only")
+    assert main(["build", "--specs", str(specs_dir), "--out", str(specs_dir.parent / "ref"), "--device", "reference",
+                 "--policy", "f16"]) == 0
