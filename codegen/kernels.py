@@ -113,28 +113,41 @@ ATTN_SPLIT = "{attn_threads}"
 ATTN_MAX_HEAD_DIM = 256  # attention's per-block arrays (q, each warp's output) hold this many dims
 _GEMV = (Param("w", "in", "w"), Param("scale", "in", "s", scale_of="w"))
 # ---- batched prefill: `m` token rows per launch (the spec binds it to `tokens`)
-GEMM_THREADS = 256       # dtf/gemm.cuh's block: 8 warps over a {gemm_bm} x {gemm_bn} tile of the output
+GEMM_THREADS = 256       # dtf/gemm.cuh's block: 8 warps over a {gemm_bm} x {gemm_bn} tile of the output (the family's
+                         # tile in the device spec's tuning.gemm_tiles)
 PREFILL_ATTN_BQ = 64     # dtf/prefill_attention.cuh: query rows per block
 PREFILL_ATTN_THREADS = 128
 _M = Param("m", "int")
 
 
 GEMM_TILES = ((128, 128), (128, 64), (64, 64))   # (gemm_bm, gemm_bn) tiles dtf/gemm.cuh implements
+GEMM_WIDE_TILES = ((128, 256),)                   # ... and on its wgmma path only
 GEMM_STAGES, GEMM_BK, GEMM_SIMT_BK = 4, 32, 16   # its pipeline: stages of BK k (tensor cores), 2 of SIMT_BK (SIMT)
+GEMM_WG_BK, GEMM_WG_ALIGN, GEMM_WG_SMEM, GEMM_WG_MAX_STAGES = 64, 1024, 232448, 8   # the wgmma path's (sm_90a)
 
 
-def gemm_smem_bytes(compute_itemsize: int, bm: int, bn: int) -> int:
+def gemm_wg_stages(bm: int, bn: int) -> int:
+    """dtf/gemm.cuh's wgmma stages for a tile: as many as fit an sm_90 block (at most 8)."""
+    return min((GEMM_WG_SMEM - GEMM_WG_ALIGN) // ((bm + bn) * GEMM_WG_BK * 2), GEMM_WG_MAX_STAGES)
+
+
+def gemm_smem_bytes(compute_itemsize: int, bm: int, bn: int, wgmma: bool = False) -> int:
     """dtf/gemm.cuh's gemm_smem_bytes, which this mirrors (tests/test_compile_generated.py compares
-    them): the larger of the mainloop's stages and the f32 C tile that reuses them."""
+    them): the larger of the mainloop's stages and the f32 C tile that reuses them (the wgmma path
+    aligns them to its swizzle atom inside the allocation)."""
+    c = bm * (bn + 8) * 4
+    if compute_itemsize == 2 and wgmma:
+        return max(gemm_wg_stages(bm, bn) * (bm + bn) * GEMM_WG_BK * 2, c) + GEMM_WG_ALIGN
     tc = 0 if compute_itemsize == 4 else GEMM_STAGES * (bm + bn) * GEMM_BK * 2
     simt = 2 * (bm + bn) * GEMM_SIMT_BK * 4
-    return max(tc, simt, bm * (bn + 8) * 4)
+    return max(tc, simt, c)
 
 
-def tuned_sizes(tuning: dict[str, int], itemsizes: dict[str, int]) -> dict[str, int]:
-    """Sizes that follow from the device's tuning and an instance's dtypes, for the families'
-    expressions: the GEMM tile's shared memory (for the instance's compute dtype)."""
-    return {"gemm_smem": gemm_smem_bytes(itemsizes.get("itemsize_compute", 4), tuning["gemm_bm"], tuning["gemm_bn"])}
+def tuned_sizes(tile: tuple[int, int], itemsizes: dict[str, int], wgmma: bool) -> dict[str, int]:
+    """Sizes that follow from a family's GEMM tile, the device's capabilities and an instance's dtypes, for
+    the families' expressions: the tile (gemm_bm, gemm_bn) and its shared memory (for the compute dtype)."""
+    return {"gemm_bm": tile[0], "gemm_bn": tile[1],
+            "gemm_smem": gemm_smem_bytes(itemsizes.get("itemsize_compute", 4), *tile, wgmma)}
 # The GEMM tiles' grid, token tiles fastest, so the blocks that share a weight tile run together and it
 # is read from DRAM once: {gemm_bn} output channels per block, or half as many for the fused epilogues
 # whose tile pairs two channels (gate with up, a rotary pair's two halves).

@@ -13,7 +13,7 @@ from typing import NamedTuple
 from . import expr
 from .dtypes import DTYPES, DType
 from .kernels import C_DECL, FAMILIES, tuned_sizes, INDEX_KINDS, PREFETCH, PTR_KINDS, WORKSPACE, KernelFamily, field_short
-from .specs import Device, ModelSpec, Policy, Specs, check_runs_on
+from .specs import GEMM_TILE_DEFAULT, Device, ModelSpec, Policy, Specs, check_runs_on
 from .yamlsrc import SpecError
 
 INDEX = "index"
@@ -275,7 +275,7 @@ def _resolve_launches(plan: Plan, ops, out: list[Launch], key: str) -> None:
         name = instance_name(fam, dtypes) + ("_early" if early else "")
         plan.kernels.setdefault(name, KernelInstance(name, fam, dtypes, early))
         smem = fam.smem_bytes or ("0" if fam.smem_elems == "0" else f"({fam.smem_elems}) * 4")
-        tuned = _tuned(plan.device.tuning, {f"itemsize_{p}": DTYPES[d].itemsize for p, d in dtypes.items() if d in DTYPES})
+        tuned = _tuned(plan.device, fam, {f"itemsize_{p}": DTYPES[d].itemsize for p, d in dtypes.items() if d in DTYPES})
         variants = tuple(replace(v, at_most=tuple((n, int(tuned(b))) for n, b in v.at_most), grid=tuned(v.grid))
                          for v in fam.variants)
         out.append(Launch(op.op, name, op.per_layer, args, tuned(fam.grid), tuned(fam.block), tuned(smem),
@@ -283,11 +283,13 @@ def _resolve_launches(plan: Plan, ops, out: list[Launch], key: str) -> None:
         plan.kernels[name].launches.append(out[-1])
 
 
-def _tuned(tuning: dict[str, int], itemsizes: dict[str, int]):
+def _tuned(device: Device, fam: KernelFamily, itemsizes: dict[str, int]):
     """Fills a family expression's ``{knob}`` placeholders (e.g. attention's ``{attn_threads}``) with
-    the device spec's tuning values, the sizes derived from them (kernels.tuned_sizes) and the bytes per
-    element of the instance's pointer dtypes (``{itemsize_<param>}``)."""
-    values = {**tuning, **tuned_sizes(tuning, itemsizes), **itemsizes}
+    the device spec's tuning values, the sizes derived from them, the family's GEMM tile and the device's
+    capabilities (kernels.tuned_sizes) and the bytes per element of the instance's pointer dtypes
+    (``{itemsize_<param>}``)."""
+    tile = device.tuning["gemm_tiles"].get(fam.template, GEMM_TILE_DEFAULT)
+    values = {**device.tuning, **tuned_sizes(tile, itemsizes, bool(device.capabilities.get("wgmma"))), **itemsizes}
     return lambda expr: str(expr).format_map(values)
 
 

@@ -57,6 +57,7 @@ def render_kernels(plan: Plan, digest: str) -> str:
         target=plan.target, model=plan.model.name, device=plan.device.name, arch=plan.device.arch,
         policy=plan.policy.name, layout=plan.layout, inputs_hash=digest,
         pdl=bool(plan.device.capabilities.get("programmatic_dependent_launch")), tuning=plan.device.tuning,
+        wgmma=bool(plan.device.capabilities.get("wgmma")),
         kernels=sorted(plan.kernels.values(), key=lambda k: k.name),
         dtypes_used=sorted(used), arith_used=sorted(arith & set(ARITH_DTYPES)),
         attn_threads=plan.device.tuning["attn_threads"], attn_max_head_dim=ATTN_MAX_HEAD_DIM)

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import expr
 from .dtypes import ARITH_DTYPES, DTYPES, QUANT_SCHEMES, SCALE_DTYPES, STORAGE_DTYPES
-from .kernels import FAMILIES, GEMM_TILES, INDEX_KINDS, PREFETCH, PTR_KINDS
+from .kernels import FAMILIES, GEMM_TILES, GEMM_WIDE_TILES, INDEX_KINDS, PREFETCH, PTR_KINDS, gemm_smem_bytes
 from .yamlsrc import Source, SpecError, load
 
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -28,6 +28,10 @@ FIELD_ALLOWED = {"storage": STORAGE_DTYPES, "compute": ARITH_DTYPES, "accumulate
                  "output": ARITH_DTYPES, "quant": QUANT_SCHEMES, "scale": SCALE_DTYPES}
 CAPABILITIES = {"native_f16_arith": bool, "native_bf16_arith": bool, "fp8_convert": bool,
                 "tensor_cores": bool, "programmatic_dependent_launch": bool, "smem_per_block": int}
+# Optional capabilities (false when absent). wgmma: Hopper's warpgroup MMA, which the prefill GEMMs use
+# for f16/bf16 compute; it exists only on the arch-specific sm_90a target.
+OPTIONAL_CAPABILITIES = {"wgmma": bool}
+WGMMA_ARCH = "sm_90a"
 # Launch-tuning knobs a device spec may set under `tuning:`; they shape the generated code and its
 # launches, never the numerics. name -> (default, allowed values).
 #   gemv_loads: 16-byte weight loads per lane per batch in the GEMV kernels (two batches in flight)
@@ -38,11 +42,12 @@ CAPABILITIES = {"native_f16_arith": bool, "native_bf16_arith": bool, "fp8_conver
 #     sums, added in another order
 #   prefill_chunk: prompt tokens one prefill launch takes at most (longer prompts go in chunks); the
 #     prefill buffers hold this many rows
-#   gemm_bm, gemm_bn: the prefill GEMMs' block tile, token rows x output channels (dtf/gemm.cuh)
 TUNING = {"gemv_loads": (8, (2, 4, 8, 16)), "l2_prefetch_kib": (0, (0, 1024, 2048, 4096, 8192, 16384, 32768)),
           "attn_threads": (512, (128, 256, 512)), "gemv_rotate_batches": (0, (0, 2, 3, 4, 8, 16)),
-          "prefill_chunk": (1024, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)),
-          "gemm_bm": (128, (64, 128)), "gemm_bn": (64, (64, 128))}
+          "prefill_chunk": (1024, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096))}
+# `gemm_tiles:` {family: "BMxBN"}: the block tile (token rows x output channels) of each prefill GEMM
+# family (dtf/gemm.cuh); a family the spec does not name gets GEMM_TILE_DEFAULT.
+GEMM_TILE_DEFAULT = (128, 64)
 # Symbols of a run that no config.json holds, usable in the model spec's expressions: `chunk`, the rows
 # the prefill buffers hold (the device's prefill_chunk, capped to the run's context), in buffer shapes;
 # `tokens`, the prompt rows one prefill launch processes (1..chunk), in prefill_step arguments.
@@ -574,7 +579,10 @@ def load_device(path: Path) -> Device:
         _ident(src, ("arch",), d["arch"], ARCH, "an SM architecture such as sm_90")
     elif "arch" in d:
         raise src.error(("arch",), d["arch"], "a cpu device has no arch")
-    _mapping(src, ("capabilities",), d["capabilities"], CAPABILITIES)
+    _mapping(src, ("capabilities",), d["capabilities"], CAPABILITIES, OPTIONAL_CAPABILITIES)
+    if d["capabilities"].get("wgmma") and d.get("arch") != WGMMA_ARCH:
+        raise src.error(("capabilities", "wgmma"), True, f"wgmma needs arch {WGMMA_ARCH}; this device has arch "
+                        f"{d.get('arch', '<none>')} (set wgmma: false, or arch: {WGMMA_ARCH} for a Hopper GPU)")
     # Sizes and rates divide and bound what the runtime does (weights that fit, the roofline), so a
     # zero, negative or infinite one would pass here and mislead there.
     for k in ("memory_gb", "bandwidth_gbs"):
@@ -587,22 +595,44 @@ def load_device(path: Path) -> Device:
     for i, g in enumerate(d.get("gpu_names", [])):
         if not isinstance(g, str) or not g.strip():
             raise src.error(("gpu_names", i), g, "a non-empty part of the CUDA device name, e.g. 'H100'")
-    tuning = _mapping(src, ("tuning",), d.get("tuning", {}), {}, {k: int for k in TUNING})
+    tuning = _mapping(src, ("tuning",), d.get("tuning", {}), {}, {**{k: int for k in TUNING}, "gemm_tiles": dict})
     for k, v in tuning.items():
-        if v not in TUNING[k][1]:
+        if k in TUNING and v not in TUNING[k][1]:
             raise src.error(("tuning", k), v, _allowed(TUNING[k][1]))
-    tile = (tuning.get("gemm_bm", TUNING["gemm_bm"][0]), tuning.get("gemm_bn", TUNING["gemm_bn"][0]))
-    if tile not in GEMM_TILES:
-        raise src.error(("tuning", "gemm_bn" if "gemm_bn" in tuning else "gemm_bm"), tile[1 if "gemm_bn" in tuning else 0],
-                        f"gemm_bm x gemm_bn is {tile[0]} x {tile[1]}; dtf/gemm.cuh implements "
-                        + ", ".join(f"{m} x {n}" for m, n in GEMM_TILES))
+    tiles = _gemm_tiles(src, d, tuning.get("gemm_tiles", {}))
     if tuning.get("l2_prefetch_kib", 0) and (d["kind"] != "cuda" or int(re.match(r"sm_(\d+)", d["arch"]).group(1)) < PREFETCH_MIN_ARCH):
         raise src.error(("tuning", "l2_prefetch_kib"), tuning["l2_prefetch_kib"],
                         f"L2 prefetch (cp.async.bulk.prefetch) needs sm_{PREFETCH_MIN_ARCH} or newer; "
                         f"{d.get('arch', 'a cpu device')} allows only 0")
     return Device(d["name"], d["kind"], d.get("arch"), d["default_policy"], d["capabilities"],
                   d.get("memory_gb"), d.get("bandwidth_gbs"), d.get("gpu_names", []),
-                  {k: tuning.get(k, default) for k, (default, _) in TUNING.items()}, src)
+                  {**{k: tuning.get(k, default) for k, (default, _) in TUNING.items()}, "gemm_tiles": tiles}, src)
+
+
+def _gemm_tiles(src: Source, d: dict, given: dict) -> dict[str, tuple[int, int]]:
+    """Every prefill GEMM family's tile: the spec's (each "BMxBN" one that dtf/gemm.cuh implements, whose
+    stages fit the device's shared memory; 128x256 only on the wgmma path) or the default."""
+    families = [f.template for f in FAMILIES.values() if f.smem_bytes == "{gemm_smem}"]
+    wgmma = bool(d["capabilities"].get("wgmma"))
+    implemented = GEMM_TILES + (GEMM_WIDE_TILES if wgmma else ())
+    out = {}
+    for fam in families:
+        text = given.get(fam, "x".join(map(str, GEMM_TILE_DEFAULT)))
+        m = re.fullmatch(r"(\d+)x(\d+)", text) if isinstance(text, str) else None
+        tile = (int(m.group(1)), int(m.group(2))) if m else None
+        if tile not in implemented:
+            wide = "" if wgmma else f" ({', '.join(f'{a}x{b}' for a, b in GEMM_WIDE_TILES)} on a wgmma device)"
+            raise src.error(("tuning", "gemm_tiles", fam), text,
+                            "a tile BMxBN that dtf/gemm.cuh implements: " + ", ".join(f"{a}x{b}" for a, b in implemented) + wide)
+        need = max(gemm_smem_bytes(c, *tile, wgmma) for c in (2, 4))
+        if d["kind"] == "cuda" and need > d["capabilities"]["smem_per_block"]:
+            raise src.error(("tuning", "gemm_tiles", fam), text, f"its stages take {need} bytes of shared memory, more than "
+                            f"capabilities.smem_per_block ({d['capabilities']['smem_per_block']}); choose a smaller tile")
+        out[fam] = tile
+    for fam in given:
+        if fam not in families:
+            raise src.error(("tuning", "gemm_tiles", fam), fam, "unknown GEMM family; " + _allowed(families))
+    return out
 
 
 # Which device capability each policy field needs for a dtype (from the dtype table).

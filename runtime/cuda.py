@@ -69,7 +69,13 @@ def check_gpu_runs(manifest: dict, gpu: str, major: int, minor: int) -> None:
     what that arch has (griddepcontrol, bulk prefetch, fp8 conversions), so ptxas would fail deep
     inside the build, or a kernel at launch. A newer GPU runs an older arch's target."""
     spec = manifest["arch"]
-    if int(ARCH_RE.match(spec).group(1)) > 10 * major + minor:   # the arch number, any suffix aside (sm_90a)
+    number, suffix = ARCH_RE.match(spec).groups()
+    if suffix and int(number) != 10 * major + minor:   # sm_90a: that arch's own instructions (wgmma), no other
+        raise BackendUnavailable(
+            f"target {manifest['target']} was generated for {spec} (device spec {manifest['device']}), whose code runs "
+            f"only on sm_{number} GPUs, but this GPU, {gpu}, is sm_{major}{minor}: pass --device auto, or --device with "
+            f"a spec for sm_{major}{minor} (`codegen list` shows each spec's arch)")
+    if int(number) > 10 * major + minor:
         raise BackendUnavailable(
             f"target {manifest['target']} was generated for {spec} (device spec {manifest['device']}), but this GPU, "
             f"{gpu}, is sm_{major}{minor}: pass --device auto, or --device with a spec for sm_{major}{minor} or older "

@@ -41,7 +41,7 @@ SOURCES = _distinct_sources()
 
 
 def test_every_arch_is_covered():
-    assert {a for a, _ in SOURCES} == {"sm_52", "sm_61", "sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_121"}
+    assert {a for a, _ in SOURCES} == {"sm_52", "sm_61", "sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90a", "sm_100", "sm_121"}
 
 
 def _block_threads(manifest: dict, shaped: bool) -> dict[str, int]:
@@ -85,21 +85,23 @@ def test_target_compiles(arch, target, shaped, tmp_path, caplog):
 
 
 @pytest.mark.compile
-def test_launch_sizes_mirror_the_device_headers(tmp_path):
+@pytest.mark.parametrize("wgmma", [0, 1])
+def test_launch_sizes_mirror_the_device_headers(tmp_path, wgmma):
     """The shared memory the Plan writes into manifests for the prefill GEMM tiles and prefill attention
     (kernels.gemm_smem_bytes, expr.prefill_attn_smem) is what dtf/gemm.cuh and dtf/prefill_attention.cuh
     compute for themselves: both functions evaluated by nvcc's host compiler for every tile, compute
-    dtype, head_dim and cache element size."""
+    dtype, head_dim and cache element size, with the wgmma path (sm_90a) compiled in and without."""
     import subprocess
 
     from dtypeforge.codegen.compile import HEADERS
     from dtypeforge.codegen.expr import prefill_attn_smem
-    from dtypeforge.codegen.kernels import GEMM_TILES, gemm_smem_bytes
+    from dtypeforge.codegen.kernels import GEMM_TILES, GEMM_WIDE_TILES, gemm_smem_bytes
+    tiles_made = GEMM_TILES + (GEMM_WIDE_TILES if wgmma else ())
     src = tmp_path / "sizes.cu"
     tiles = "".join(f'  printf("gemm %d %d %d %d\\n", 2, {m}, {n}, dtf::gemm_smem_bytes<__half, __half, __half, {m}, {n}>());\n'
                     f'  printf("gemm %d %d %d %d\\n", 4, {m}, {n}, dtf::gemm_smem_bytes<float, float, float, {m}, {n}>());\n'
-                    for m, n in GEMM_TILES)
-    src.write_text("#define DTF_FP8 1\n#define DTF_ARITH_F16 1\n#define DTF_ARITH_BF16 1\n#define DTF_PDL 0\n"
+                    for m, n in tiles_made)
+    src.write_text(f"#define DTF_FP8 1\n#define DTF_ARITH_F16 1\n#define DTF_ARITH_BF16 1\n#define DTF_PDL 0\n#define DTF_GEMM_WGMMA {wgmma}\n"
                    "#define DTF_GEMV_LOADS 8\n#define DTF_GEMV_ROTATE_BATCHES 0\n#define DTF_L2_PREFETCH_KIB 0\n"
                    "#define DTF_ATTN_THREADS 512\n#define DTF_ATTN_MAX_HEAD_DIM 256\n#include <cstdio>\n"
                    '#include "dtf/dtypes.cuh"\n#include "dtf/rows.cuh"\n#include "dtf/attention.cuh"\n'
@@ -107,11 +109,11 @@ def test_launch_sizes_mirror_the_device_headers(tmp_path):
                    '  for (int hd = 2; hd <= 256; hd += 2)\n    for (int eb = 2; eb <= 4; eb += 2)\n'
                    '      printf("attn %d %d %d\\n", hd, eb, dtf::prefill_attn_smem_bytes(hd, eb));\n}\n')
     exe = tmp_path / "sizes"
-    subprocess.run(["nvcc", "-std=c++17", f"-I{HEADERS}", "-arch=sm_90", "-o", str(exe), str(src)], check=True,
-                   capture_output=True)
+    subprocess.run(["nvcc", "-std=c++17", f"-I{HEADERS}", "-gencode=arch=compute_90a,code=sm_90a" if wgmma else "-arch=sm_90", "-o", str(exe), str(src)],
+                   check=True, capture_output=True)
     lines = [l.split() for l in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()]
     gemm = [tuple(map(int, l[1:])) for l in lines if l[0] == "gemm"]
     attn = [tuple(map(int, l[1:])) for l in lines if l[0] == "attn"]
-    assert len(gemm) == 2 * len(GEMM_TILES) and len(attn) == 256
-    assert [(c, m, n, gemm_smem_bytes(c, m, n)) for c, m, n, _ in gemm] == gemm
+    assert len(gemm) == 2 * len(tiles_made) and len(attn) == 256
+    assert [(c, m, n, gemm_smem_bytes(c, m, n, bool(wgmma))) for c, m, n, _ in gemm] == gemm
     assert [(hd, eb, prefill_attn_smem(hd, eb)) for hd, eb, _ in attn] == attn

@@ -180,19 +180,25 @@ def test_auto_device_refuses_a_gpu_two_specs_name(tmp_path):
         device_for_gpu(specs, "NVIDIA H100 PCIe")
 
 
-@pytest.mark.parametrize("cc,ok", [((9, 0), True), ((10, 0), True), ((8, 9), False), ((8, 0), False)])
-def test_cuda_backend_refuses_a_target_for_a_newer_arch_than_the_gpus(cc, ok):
-    """An sm_90 target (griddepcontrol, bulk prefetch) on an sm_89 or sm_80 GPU is refused before
-    any compile, naming target, spec, GPU and its arch; a newer GPU runs it."""
+@pytest.mark.parametrize("target,cc,refusal", [
+    ("llama.a100.f16.fused", (9, 0), None), ("llama.a100.f16.fused", (8, 0), None),
+    ("llama.a100.f16.fused", (7, 5), r"was generated for sm_80 \(device spec a100\), but this GPU, NVIDIA GPU, is sm_75"),
+    ("llama.h100.f16.fused", (9, 0), None),
+    ("llama.h100.f16.fused", (8, 9), r"was generated for sm_90a \(device spec h100\), whose code runs only on sm_90 GPUs, "
+                                     r"but this GPU, NVIDIA GPU, is sm_89"),
+    ("llama.h100.f16.fused", (10, 0), r"was generated for sm_90a .* runs only on sm_90 GPUs, but this GPU, NVIDIA GPU, is sm_100")])
+def test_cuda_backend_refuses_a_target_the_gpu_cannot_run(target, cc, refusal):
+    """A target for a newer arch than the GPU's (griddepcontrol, bulk prefetch, fp8 conversions) is
+    refused before any compile, naming target, spec, GPU and its arch, and so is an arch-specific one
+    (sm_90a: wgmma) on any other arch; a newer GPU runs a plain arch's target."""
     import json
     from dtypeforge.runtime.cuda import check_gpu_runs
     from dtypeforge.runtime.errors import BackendUnavailable
-    manifest = json.loads((GENERATED / "llama.h100.f16.fused" / "manifest.json").read_text())
-    if ok:
+    manifest = json.loads((GENERATED / target / "manifest.json").read_text())
+    if refusal is None:
         check_gpu_runs(manifest, "NVIDIA GPU", *cc)
     else:
-        with pytest.raises(BackendUnavailable, match=rf"target llama.h100.f16.fused was generated for sm_90 \(device spec h100\), "
-                                                     rf"but this GPU, NVIDIA GPU, is sm_{cc[0]}{cc[1]}"):
+        with pytest.raises(BackendUnavailable, match=rf"target {target} {refusal}"):
             check_gpu_runs(manifest, "NVIDIA GPU", *cc)
 
 

@@ -282,6 +282,20 @@ def test_l2_prefetch_values_are_validated(specs_dir, capsys, spec, old, new, key
     assert_spec_error(*run_cli(specs_dir, capsys), f, line, key, message)
 
 
+@pytest.mark.parametrize("spec, arch_edit", [("devices/a100.yaml", None), ("devices/h100.yaml", ("arch: sm_90a", "arch: sm_90 "))])
+def test_wgmma_needs_the_sm_90a_target(specs_dir, capsys, spec, arch_edit):
+    """The wgmma capability compiles warpgroup MMA into the prefill GEMMs, which only the arch-specific
+    sm_90a target has: another arch with it is refused at the capability's line, naming the arch."""
+    f = specs_dir / spec
+    if arch_edit:
+        edit(f, *arch_edit)
+    else:
+        edit(f, "  tensor_cores: true\n", "  tensor_cores: true\n  wgmma: true\n")
+    line = next(i for i, l in enumerate(f.read_text().splitlines(), 1) if l.strip().startswith("wgmma:"))
+    arch = "sm_90" if arch_edit else "sm_80"
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, "capabilities.wgmma", f"wgmma needs arch sm_90a; this device has arch {arch}")
+
+
 def test_op_dependents_is_validated(specs_dir, capsys):
     """`dependents` picks where the generated kernel lets the next launch start; only the listed values pass."""
     f = specs_dir / "models/llama.yaml"

@@ -3,10 +3,18 @@
 // W: [N, K] as a Linear weight). One block of GEMM_THREADS computes one BM x BN tile of C and leaves it
 // in shared memory as f32 for the caller's epilogue. As the reference models it, every operand is
 // rounded once to the compute dtype CT (cvt<CT>, RNE) and exact products are summed in f32: f16/bf16
-// on sm_80+ on tensor cores (mma.sync m16n8k16, f32 accumulators, fed by ldmatrix from a swizzled
-// multi-stage cp.async pipeline), f32 compute and older GPUs on a SIMT path (fmaf into registers).
+// on tensor cores (f32 accumulators) fed by a swizzled multi-stage cp.async pipeline, with Hopper's
+// warpgroup MMA (wgmma, sm_90a, DTF_GEMM_WGMMA) or else mma.sync m16n8k16 from ldmatrix (sm_80+);
+// f32 compute and older GPUs on a SIMT path (fmaf into registers).
 // Included after dtypes.cuh and rows.cuh (Widen, ExactIn, round_to); the target's kernels.cu defines
-// DTF_FP8, DTF_ARITH_F16, DTF_ARITH_BF16 and the tuning macros before them (templates/kernels.cu.j2).
+// DTF_FP8, DTF_ARITH_F16, DTF_ARITH_BF16, DTF_GEMM_WGMMA and the tuning macros before them
+// (templates/kernels.cu.j2).
+#ifndef DTF_GEMM_WGMMA
+#define DTF_GEMM_WGMMA 0
+#endif
+#if DTF_GEMM_WGMMA
+#include "wgmma.cuh"
+#endif
 
 // Stages of the tensor-core path's cp.async pipeline, 32 k each: (BM + BN) * 64 bytes a stage, so 4 stages
 // of 128 x 128 take 64 KiB (the f32 C tile, 68 KiB, reuses them) and two blocks fit an SM.
@@ -18,6 +26,15 @@ namespace dtf {
 constexpr int GEMM_THREADS = 256;    // the block size every caller launches with: 8 warps
 constexpr int GEMM_BK = 32, GEMM_STAGES = DTF_GEMM_STAGES;   // BK 64: the register-staged paths spill at 128
 constexpr int GEMM_SIMT_BK = 16;     // SIMT path: k per stage, two f32 stages (128 x 64: 24 KiB)
+// The wgmma path's stages, 64 k each (one 128-byte swizzle row): (BM + BN) * 128 bytes a stage, as many
+// as fit an sm_90 block's 227 KiB (at most 8): one block an SM, whose loads are then the SM's only ones
+// in flight, so they are as deep as the shared memory allows (128 x 64: 8 stages, 128 x 256: 4).
+constexpr int GEMM_WG_BK = 64, GEMM_WG_ALIGN = 1024;   // the 128-byte swizzle's atom: the stages' alignment
+constexpr int GEMM_WG_SMEM = 232448, GEMM_WG_MAX_STAGES = 8;
+template <int BM, int BN> __host__ __device__ constexpr int gemm_wg_stages() {
+  return (GEMM_WG_SMEM - GEMM_WG_ALIGN) / ((BM + BN) * GEMM_WG_BK * 2) < GEMM_WG_MAX_STAGES
+             ? (GEMM_WG_SMEM - GEMM_WG_ALIGN) / ((BM + BN) * GEMM_WG_BK * 2) : GEMM_WG_MAX_STAGES;
+}
 
 template <typename A, typename B> struct Same { static constexpr bool value = false; };
 template <typename A> struct Same<A, A> { static constexpr bool value = true; };
@@ -30,13 +47,19 @@ template <> struct Bits<4> { using type = unsigned; };
 // fragments' 8-row float2 stores and the SIMT threads' float4 stores take the minimum wavefronts.
 template <int BN> __host__ __device__ constexpr int gemm_ldc() { return BN + 8; }
 
-// Dynamic shared memory bytes of a tile: the larger of the mainloop's stages (tensor-core or SIMT path,
-// whichever the device compiles) and the f32 C tile, which reuses them once the mainloop is done.
+// Dynamic shared memory bytes of a tile: the larger of the mainloop's stages (the path the device
+// compiles: wgmma, mma.sync or SIMT) and the f32 C tile, which reuses them once the mainloop is done;
+// the wgmma path aligns both to GEMM_WG_ALIGN inside the allocation.
 template <typename CT, typename TX, typename TW, int BM, int BN>
 __host__ __device__ constexpr int gemm_smem_bytes() {
-  int tc = Same<CT, float>::value ? 0 : GEMM_STAGES * (BM + BN) * GEMM_BK * 2;
+  constexpr bool tc16 = !Same<CT, float>::value;
+  int tc = tc16 ? GEMM_STAGES * (BM + BN) * GEMM_BK * 2 : 0;
   int simt = 2 * (BM + BN) * GEMM_SIMT_BK * 4;
   int c = BM * gemm_ldc<BN>() * 4;
+  if (DTF_GEMM_WGMMA && tc16) {
+    int wg = gemm_wg_stages<BM, BN>() * (BM + BN) * GEMM_WG_BK * 2;
+    return (wg > c ? wg : c) + GEMM_WG_ALIGN;
+  }
   int m = tc > simt ? tc : simt;
   return m > c ? m : c;
 }
@@ -184,15 +207,22 @@ struct Operand {
 };
 
 // ---- the k loop -------------------------------------------------------------------------------
-// ceil(K / BK) chunks through S shared-memory stages. cp.async operands (AX, AW) are issued S - 1
+// ceil(K / BK) chunks through S shared-memory stages. cp.async operands (AX, AW) are issued S - 1 - LAG
 // chunks ahead; register-staged ones one chunk ahead, converted into the next stage after this
-// chunk's math (the stage it writes was last read two chunks ago, before this chunk's barrier).
+// chunk's math (the stage it writes was last read S chunks ago, before this chunk's barrier).
 // EARLY fetches them from global memory before the math, so their latency hides behind it; without
 // it (the ragged and unaligned fallback) the loads wait, but hold no registers across the math.
-// Ends with every copy landed and every warp done with the stages (the C tile may reuse them).
-template <int S, int BK, bool AX, bool AW, bool EARLY, typename LX, typename LW, typename Math>
-__device__ __forceinline__ void gemm_pipeline(LX& lx, LW& lw, int K, Math math) {
+// LAG: math(st) may still be reading its stage when it returns, for at most LAG more chunks (the
+// wgmma path keeps one batch in flight), so a stage is refilled LAG chunks later; drain() waits for
+// the last. Ends with every copy landed and every warp done with the stages (the C tile may reuse them).
+// PROXY (the wgmma path): each thread fences its stores to the stages before the barrier that
+// publishes them, as the tensor cores read them through the async proxy.
+template <int S, int BK, bool AX, bool AW, bool EARLY, bool PROXY, int LAG, typename LX, typename LW, typename Math,
+          typename Drain>
+__device__ __forceinline__ void gemm_pipeline(LX& lx, LW& lw, int K, Math math, Drain drain) {
   constexpr bool ASYNC = AX || AW;
+  constexpr int AHEAD = S - 1 - LAG;
+  static_assert(AHEAD >= 1, "stages");
   auto fetch = [&](int k0) {
     if constexpr (!AX) lx.fetch(k0);
     if constexpr (!AW) lw.fetch(k0);
@@ -203,7 +233,7 @@ __device__ __forceinline__ void gemm_pipeline(LX& lx, LW& lw, int K, Math math) 
   };
   const int nk = (K + BK - 1) / BK;
 #pragma unroll
-  for (int c = 0; c < S - 1; ++c) {
+  for (int c = 0; c < AHEAD; ++c) {
     if (c < nk) {
       if constexpr (AX) lx.issue(c * BK, c);
       if constexpr (AW) lw.issue(c * BK, c);
@@ -213,10 +243,13 @@ __device__ __forceinline__ void gemm_pipeline(LX& lx, LW& lw, int K, Math math) 
   fetch(0);
   put(0);
   for (int t = 0, st = 0; t < nk; ++t, st = st == S - 1 ? 0 : st + 1) {
-    if constexpr (ASYNC) cp_async_wait<S - 2>();   // chunk t has landed (this thread's copies)
-    __syncthreads();                               // ... everyone's, and chunk t - 1's stage is free
+    if constexpr (ASYNC) cp_async_wait<AHEAD - 1>();   // chunk t has landed (this thread's copies)
+#if DTF_GEMM_WGMMA
+    if constexpr (PROXY) fence_proxy_async();
+#endif
+    __syncthreads();   // ... everyone's, and chunk t - 1 - LAG's stage is free
     if constexpr (ASYNC) {
-      const int ahead = t + S - 1, sa = st == 0 ? S - 1 : st - 1;   // into chunk t - 1's stage
+      const int ahead = t + AHEAD, sa = (st + AHEAD) % S;   // into chunk t - 1 - LAG's stage
       if (ahead < nk) {
         if constexpr (AX) lx.issue(ahead * BK, sa);
         if constexpr (AW) lw.issue(ahead * BK, sa);
@@ -230,6 +263,7 @@ __device__ __forceinline__ void gemm_pipeline(LX& lx, LW& lw, int K, Math math) 
     if (more) put(st == S - 1 ? 0 : st + 1);
   }
   if constexpr (ASYNC) cp_async_wait<0>();
+  drain();
   __syncthreads();
 }
 
@@ -305,13 +339,83 @@ __device__ __forceinline__ float* gemm_tc(XRow x_row, WRow w_row, int K, unsigne
   const unsigned xs = smem_addr(lx.base), ws = smem_addr(lw.base);
   auto math = [&](int st) { w.step(xs + st * LX::STAGE_BYTES, ws + st * LW::STAGE_BYTES); };
   // cp.async needs 16-byte segments of both operands; an operand in another dtype goes through registers
-  if (lx.vec && lw.vec) gemm_pipeline<S, BK, Same<TX, CT>::value, Same<TW, CT>::value, true>(lx, lw, K, math);
-  else gemm_pipeline<S, BK, false, false, false>(lx, lw, K, math);
+  if (lx.vec && lw.vec) gemm_pipeline<S, BK, Same<TX, CT>::value, Same<TW, CT>::value, true, false, 0>(lx, lw, K, math, [] {});
+  else gemm_pipeline<S, BK, false, false, false, false, 0>(lx, lw, K, math, [] {});
   float* c = reinterpret_cast<float*>(smem);
   w.store(c);
   __syncthreads();
   return c;
 }
+
+#if DTF_GEMM_WGMMA
+// ---- wgmma path (sm_90a, CT = f16 / bf16) ------------------------------------------------------
+// The block's two warpgroups each own 64 x WGN of the tile: rows 64 g.. of all BN columns (BM = 128),
+// or all 64 rows of columns WGN g.. (BM = 64). A stage is 64 k of X and W in the 128-byte swizzle
+// (tc_off<64>), issued as four k16 wgmmas per warpgroup; a stage's batch runs while the next stage is
+// issued, and is waited on before its stage is refilled (the pipeline's LAG of one).
+template <typename CT, int BM, int BN>
+struct WgWarps {
+  static constexpr int WGN = BM == 128 ? BN : BN / 2, R = WGN / 2;
+  float acc[R];
+  int m0, n0, lane, row;
+
+  __device__ __forceinline__ WgWarps() {
+    int g = threadIdx.x / 128;
+    m0 = BM == 128 ? 64 * g : 0, n0 = BM == 128 ? 0 : WGN * g;
+    lane = threadIdx.x % 32, row = m0 + threadIdx.x % 128 / 32 * 16 + lane / 4;
+#pragma unroll
+    for (int i = 0; i < R; ++i) acc[i] = 0.0f;
+  }
+
+  // One stage: xs, ws are the shared addresses of its X [BM][64] and W [BN][64] tiles.
+  __device__ __forceinline__ void step(unsigned xs, unsigned ws) {
+    const unsigned long long a = wgmma_desc(xs + m0 * GEMM_WG_BK * 2), b = wgmma_desc(ws + n0 * GEMM_WG_BK * 2);
+    wgmma_fence_operands(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < GEMM_WG_BK / 16; ++kk) Wgmma<WGN>::template run<CT>(acc, a + 2 * kk, b + 2 * kk);
+    wgmma_commit();
+    wgmma_wait<1>();   // the previous stage's batch is done: the pipeline may refill that stage
+    wgmma_fence_operands(acc);
+  }
+
+  __device__ __forceinline__ void drain() {
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc);
+  }
+
+  __device__ __forceinline__ void store(float* c) const {
+    constexpr int LDC = gemm_ldc<BN>();
+#pragma unroll
+    for (int j = 0; j < WGN / 8; ++j) {
+      float* p = c + row * LDC + n0 + j * 8 + lane % 4 * 2;
+      *reinterpret_cast<float2*>(p) = make_float2(acc[4 * j], acc[4 * j + 1]);
+      *reinterpret_cast<float2*>(p + 8 * LDC) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    }
+  }
+};
+
+template <typename CT, typename TX, typename TW, int BM, int BN, typename XRow, typename WRow>
+__device__ __forceinline__ float* gemm_wg(XRow x_row, WRow w_row, int K, unsigned char* smem, const void* any) {
+  constexpr int S = gemm_wg_stages<BM, BN>(), BK = GEMM_WG_BK;
+  using LX = Operand<TX, CT, BM, BK, false>;
+  using LW = Operand<TW, CT, BN, BK, false>;
+  static_assert(LX::STAGE_BYTES % GEMM_WG_ALIGN == 0 && LW::STAGE_BYTES % GEMM_WG_ALIGN == 0, "swizzle atoms");
+  unsigned char* base = smem + (-(int)smem_addr(smem) & (GEMM_WG_ALIGN - 1));
+  LX lx(x_row, K, base, any);
+  LW lw(w_row, K, base + S * LX::STAGE_BYTES, any);
+  WgWarps<CT, BM, BN> w;
+  const unsigned xs = smem_addr(lx.base), ws = smem_addr(lw.base);
+  auto math = [&](int st) { w.step(xs + st * LX::STAGE_BYTES, ws + st * LW::STAGE_BYTES); };
+  auto drain = [&] { w.drain(); };
+  if (lx.vec && lw.vec) gemm_pipeline<S, BK, Same<TX, CT>::value, Same<TW, CT>::value, true, true, 1>(lx, lw, K, math, drain);
+  else gemm_pipeline<S, BK, false, false, false, true, 1>(lx, lw, K, math, drain);
+  float* c = reinterpret_cast<float*>(base);
+  w.store(c);
+  __syncthreads();
+  return c;
+}
+#endif
 
 // ---- SIMT path (CT = f32, or f16 / bf16 below sm_80) -------------------------------------------
 // 16 x 16 threads, each a TM x TN micro-tile in float4 strips 64 apart: rows (i / 4) 64 + 4 ty + i % 4,
@@ -368,10 +472,10 @@ __device__ __forceinline__ float* gemm_simt(XRow x_row, WRow w_row, int K, unsig
   LX lx(x_row, K, smem, any);
   LW lw(w_row, K, smem + 2 * LX::STAGE_BYTES, any);
   SimtThreads<BM, BN> th;
-  gemm_pipeline<2, GEMM_SIMT_BK, false, false, true>(lx, lw, K, [&](int st) {
+  gemm_pipeline<2, GEMM_SIMT_BK, false, false, true, false, 0>(lx, lw, K, [&](int st) {
     th.step(reinterpret_cast<const float*>(lx.base + st * LX::STAGE_BYTES),
             reinterpret_cast<const float*>(lw.base + st * LW::STAGE_BYTES));
-  });
+  }, [] {});
   float* c = reinterpret_cast<float*>(smem);
   th.store(c);
   __syncthreads();
@@ -389,10 +493,13 @@ __device__ __forceinline__ float* gemm_simt(XRow x_row, WRow w_row, int K, unsig
 // w_row(n) 16-byte aligned; anything else (K = 172, odd ldx) is read with scalar loads, correctly but slower.
 template <typename CT, typename TX, typename TW, int BM, int BN, typename WRow>
 __device__ float* gemm_tile(const TX* __restrict__ x, int ldx, int m_rows, WRow w_row, int K, unsigned char* smem) {
-  static_assert((BM == 128 && BN == 128) || (BM == 128 && BN == 64) || (BM == 64 && BN == 64),
-                "gemm_tile: BM x BN is 128x128, 128x64 or 64x64");
+  static_assert((BM == 128 && (BN == 256 || BN == 128 || BN == 64)) || (BM == 64 && BN == 64),
+                "gemm_tile: BM x BN is 128x256, 128x128, 128x64 or 64x64");
   auto x_row = [=](int m) -> const TX* { return m < m_rows ? x + (size_t)m * ldx : nullptr; };
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if DTF_GEMM_WGMMA && defined(__CUDA_ARCH__)
+  if constexpr (!Same<CT, float>::value) return gemm_wg<CT, TX, TW, BM, BN>(x_row, w_row, K, smem, x);
+  else
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (!Same<CT, float>::value) return gemm_tc<CT, TX, TW, BM, BN>(x_row, w_row, K, smem, x);
   else
 #endif
