@@ -146,8 +146,10 @@ def _json(obj: dict) -> str:
 def render(plan: Plan) -> dict[str, str]:
     """File name -> content for generated/<target>/."""
     digest = inputs_hash(plan)
-    files = {"manifest.json": _json(contract.check("manifest", manifest(plan, digest), f"{plan.target}/manifest.json")),
-             "packing.json": _json(contract.check("packing", packing(plan, digest), f"{plan.target}/packing.json"))}
+    m, p = manifest(plan, digest), packing(plan, digest)
+    contract.load_manifest(m, f"{plan.target}/manifest.json")   # refused here, by field, as the runtime would
+    contract.load_packing(p, f"{plan.target}/packing.json")
+    files = {"manifest.json": _json(m), "packing.json": _json(p)}
     if plan.device.kind == "cuda":
         files["kernels.cu"] = render_kernels(plan, digest)
     return files

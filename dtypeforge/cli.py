@@ -235,7 +235,7 @@ def cmd_bench(args) -> int:
     if need > context:
         raise ContextTooLong(f"--depth {args.depth}, --tokens {args.tokens} and --prefill {args.prefill} need {need} "
                              f"positions, beyond the model's context of {context} ({config_path})")
-    packed = pack_weights(target, args.model, max_seq=need, holds=policies_holding(specs, device, target.manifest["model"]))
+    packed = pack_weights(target, args.model, max_seq=need, holds=policies_holding(specs, device, target.manifest.model))
     if backend == "cpu":
         from dtypeforge.runtime.bench import reference_ms_per_token, reference_prefill_ms
         at = f" at context depth {args.depth}" if args.depth else ""
@@ -258,7 +258,7 @@ def cmd_bench(args) -> int:
               f"{1e3 / g.ms_per_token:8.1f} tokens/s  = {100 * g.roofline_fraction:5.1f}% of copy bandwidth "
               f"({g.copy_gbs:.1f} GB/s) -> shaped kernels are {g.ms_per_token / r.ms_per_token:5.3f}x faster")
     if args.compare == "hf":
-        emb = next(w for w in target.packing["weights"] if w["role"] == "embedding")["dtype"]
+        emb = next(w for w in target.packing.weights if w.role == "embedding").dtype
         torch_dtype = emb if emb in ("f32", "f16", "bf16") else "f16"
         for name, ms in compare_hf(args.model, torch_dtype, tokens=args.tokens).items():
             print(f"  {name} ({torch_dtype}): {ms:8.3f} ms/token  {1e3 / ms:8.1f} tokens/s  "

@@ -219,7 +219,7 @@ def _engine(specs, ckpt, kind, device, policy, target, tok, max_seq: int, progre
     if progress:
         print(f"[{target.name} on the {kind} backend]", file=sys.stderr, flush=True)
     packed = pack_weights(target, ckpt.dir, max_seq=max_seq, checkpoint=ckpt, progress=progress,
-                          holds=policies_holding(specs, device, target.manifest["model"]))
+                          holds=policies_holding(specs, device, target.manifest.model))
     if kind == "cuda":
         from dtypeforge.runtime.cuda import CudaBackend
         be = CudaBackend(target, packed, progress=progress)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dtypeforge.codegen.contract import Manifest, StepOp
 from dtypeforge.codegen.dtypes import DTYPES, INDEX_NP
 from dtypeforge.codegen.expr import evaluate
 
@@ -78,11 +79,11 @@ def dtype_name(arr: np.ndarray) -> str:
     return name
 
 
-def buffer_table(manifest: dict, env: dict, packed: dict[str, np.ndarray]) -> dict[str, BufferInfo]:
+def buffer_table(manifest: Manifest, env: dict, packed: dict[str, np.ndarray]) -> dict[str, BufferInfo]:
     """Weights as the loader packed them; activations and caches as the manifest declares them."""
     table = {name: BufferInfo(name, dtype_name(arr), tuple(arr.shape), True) for name, arr in packed.items()}
-    for b in manifest["buffers"]:
-        table[b["name"]] = BufferInfo(b["name"], b["dtype"], tuple(evaluate(s, env) for s in b["shape"]), False)
+    for b in manifest.buffers:
+        table[b.name] = BufferInfo(b.name, b.dtype, tuple(evaluate(s, env) for s in b.shape), False)
     return table
 
 
@@ -90,12 +91,12 @@ def _dim3(v) -> tuple[int, int, int]:
     return (int(v), 1, 1)
 
 
-def _schedule(decode_step: list[dict], n_layers: int):
+def _schedule(step: tuple[StepOp, ...], n_layers: int):
     """(launch, layer) in execution order: each run of consecutive per-layer ops is one
     transformer layer, executed for layer 0, then layer 1, ..."""
-    run: list[dict] = []
-    for launch in decode_step + [None]:
-        if launch is not None and launch["per_layer"]:
+    run: list[StepOp] = []
+    for launch in step + (None,):
+        if launch is not None and launch.per_layer:
             run.append(launch)
             continue
         for i in range(n_layers):
@@ -106,18 +107,18 @@ def _schedule(decode_step: list[dict], n_layers: int):
             yield launch, None
 
 
-def _check_limits(manifest: dict, env: dict) -> None:
+def _check_limits(manifest: Manifest, env: dict) -> None:
     """A model beyond a kernel's limits (sizes its CUDA template fixes at compile time) is refused by
     name, before any buffer is looked at: it is the model's size, not a stale file, that is wrong."""
-    for launch in manifest["decode_step"] + manifest["prefill_step"]:
-        for name, most in launch.get("limits", {}).items():
-            value = evaluate(next(a["value"] for a in launch["args"] if a["param"] == name), env)
+    for launch in manifest.decode_step + manifest.prefill_step:
+        for name, most in (launch.limits or {}).items():
+            value = evaluate(next(a.value for a in launch.args if a.param == name), env)
             if value > most:
-                raise BindError(f"kernel {launch['kernel']} (op {launch['op']}): {name} = {value} exceeds {most}, the "
+                raise BindError(f"kernel {launch.kernel} (op {launch.op}): {name} = {value} exceeds {most}, the "
                                 f"most its CUDA template supports; this model runs on the reference backend (--backend cpu)")
 
 
-def bind(manifest: dict, env: dict, table: dict[str, BufferInfo], step: str = "decode_step",
+def bind(manifest: Manifest, env: dict, table: dict[str, BufferInfo], step: str = "decode_step",
          tokens: int | None = None) -> list[BoundLaunch]:
     """The launches of one step, bound: the decode step, or (step="prefill_step") one prefill launch of
     `tokens` prompt rows, 1 <= tokens <= env["chunk"]."""
@@ -126,59 +127,60 @@ def bind(manifest: dict, env: dict, table: dict[str, BufferInfo], step: str = "d
         if not 1 <= tokens <= env["chunk"]:
             raise BindError(f"a prefill launch takes 1 to {env['chunk']} tokens (the prefill chunk), not {tokens}")
         env = {**env, "tokens": tokens}
-    kernels = {k["name"]: k for k in manifest["kernels"]}
+    kernels = {k.name: k for k in manifest.kernels}
     out = []
-    for launch, i in _schedule(manifest[step], env["n_layers"]):
-        kern = kernels.get(launch["kernel"])
+    steps = {"decode_step": manifest.decode_step, "prefill_step": manifest.prefill_step}
+    for launch, i in _schedule(steps[step], env["n_layers"]):
+        kern = kernels.get(launch.kernel)
         if kern is None:
-            raise BindError(f"op {launch['op']}: kernel {launch['kernel']} is not among the manifest's kernels")
-        declared = {p["name"]: p for p in kern["params"]}
-        dtypes = {p["name"]: p["dtype"] for p in kern["params"] if "dtype" in p}
-        dtypes.update(kern["roles"])
-        if [a["param"] for a in launch["args"]] != list(declared):
-            raise BindError(f"kernel {kern['name']} (op {launch['op']}): arguments {[a['param'] for a in launch['args']]} "
+            raise BindError(f"op {launch.op}: kernel {launch.kernel} is not among the manifest's kernels")
+        declared = {p.name: p for p in kern.params}
+        dtypes = {p.name: p.dtype for p in kern.params if p.dtype is not None}
+        dtypes.update(kern.roles)
+        if [a.param for a in launch.args] != list(declared):
+            raise BindError(f"kernel {kern.name} (op {launch.op}): arguments {[a.param for a in launch.args]} "
                             f"do not match its parameters {list(declared)}")
         args, scalars = [], {}
-        for a in launch["args"]:
-            if a["kind"] == "workspace":
-                args.append(Arg(a["param"], a["kind"]))
+        for a in launch.args:
+            if a.kind == "workspace":
+                args.append(Arg(a.param, a.kind))
                 continue
-            if "value" in a:
-                v = evaluate(a["value"], env)
-                v = float(v) if a["kind"] == "float" else int(v)
-                scalars[a["param"]] = v
-                args.append(Arg(a["param"], a["kind"], value=v))
+            if a.value is not None:
+                v = evaluate(a.value, env)
+                v = float(v) if a.kind == "float" else int(v)
+                scalars[a.param] = v
+                args.append(Arg(a.param, a.kind, value=v))
                 continue
-            name = a["buffer"].format(i=i) if i is not None else a["buffer"]
-            where = f"kernel {kern['name']} (op {launch['op']}{'' if i is None else f', layer {i}'}), argument {a['param']}"
+            name = a.buffer.format(i=i) if i is not None else a.buffer
+            where = f"kernel {kern.name} (op {launch.op}{'' if i is None else f', layer {i}'}), argument {a.param}"
             info = table.get(name)
             if info is None:
                 raise BindError(f"{where}: buffer {name} was never packed or allocated")
             # a prefetch hint's parameter is untyped (the kernel never reads it): the buffer must still be
             # the weight the Plan sized its prefetch_kib argument from
-            want_dtype = a["dtype"] if a["kind"] == "prefetch" else declared[a["param"]].get("dtype", INDEX)
-            if a["dtype"] != want_dtype:
-                raise BindError(f"{where}: the launch declares dtype {a['dtype']} but the kernel's parameter is {want_dtype}")
-            shape = tuple(evaluate(s, env) for s in a["shape"])
+            want_dtype = a.dtype if a.kind == "prefetch" else declared[a.param].dtype or INDEX
+            if a.dtype != want_dtype:
+                raise BindError(f"{where}: the launch declares dtype {a.dtype} but the kernel's parameter is {want_dtype}")
+            shape = tuple(evaluate(s, env) for s in a.shape)
             offset = 0
             found_shape = info.shape
-            if a.get("layer_slice"):
+            if a.layer_slice:
                 found_shape = info.shape[1:]
                 offset = i * math.prod(found_shape)
             if info.dtype != want_dtype or found_shape != shape:
                 raise BindError(f"{where}: expected {want_dtype}{list(shape)}, found buffer {name} "
                                 f"{info.dtype}{list(found_shape)}")
-            args.append(Arg(a["param"], a["kind"], buffer=name, offset=offset, shape=shape))
+            args.append(Arg(a.param, a.kind, buffer=name, offset=offset, shape=shape))
         ev = {**env, **scalars}
-        name, grid, shaped = kern["name"], launch["grid"], launch.get("shaped_kernel")
-        for v in launch.get("variants", []):     # the first entry point whose bounds hold replaces the kernel
-            if all(scalars[p] <= most for p, most in v["at_most"].items()):
-                name, grid, shaped = v["kernel"], v["grid"], v.get("shaped_kernel")
+        name, grid, shaped = kern.name, launch.grid, launch.shaped_kernel
+        for v in launch.variants or ():     # the first entry point whose bounds hold replaces the kernel
+            if all(scalars[p] <= most for p, most in v.at_most.items()):
+                name, grid, shaped = v.kernel, v.grid, v.shaped_kernel
                 break
-        out.append(BoundLaunch(launch["op"], i, name, kern["template"], dtypes, tuple(args),
-                               _dim3(evaluate(grid, ev)), _dim3(evaluate(launch["block"], ev)),
-                               int(evaluate(launch["smem"], ev)), bool(launch.get("grid_stride", False)),
-                               int(evaluate(launch.get("workspace", "0"), ev)), shaped, bool(launch.get("final"))))
+        out.append(BoundLaunch(launch.op, i, name, kern.template, dtypes, tuple(args),
+                               _dim3(evaluate(grid, ev)), _dim3(evaluate(launch.block, ev)),
+                               int(evaluate(launch.smem, ev)), launch.grid_stride,
+                               int(evaluate(launch.workspace or "0", ev)), shaped, bool(launch.final)))
     return out
 
 
@@ -189,20 +191,20 @@ def prefill_chunks(n_tokens: int, chunk: int):
         yield start, min(start + chunk, n_tokens), start + chunk >= n_tokens
 
 
-def shape_defines(manifest: dict, env: dict) -> tuple[str, ...] | None:
+def shape_defines(manifest: Manifest, env: dict) -> tuple[str, ...] | None:
     """The nvcc options that compile a target's shaped entry points for the model `env` describes:
     -DDTF_SHAPED and each fixed int argument's value as its macro (manifest.json's "macro"), evaluated
     from the same expressions, with the same config, as the arguments `bind` passes the generic entries.
     None when the manifest has no shaped entries (a CPU target). Each model shape gets its own cubin."""
-    steps = manifest["decode_step"] + manifest["prefill_step"]
-    if not manifest["decode_step"] or any("shaped_kernel" not in l for l in steps):
+    steps = manifest.decode_step + manifest.prefill_step
+    if not manifest.decode_step or any(l.shaped_kernel is None for l in steps):
         return None
     values = {}
     for l in steps:
-        for a in l["args"]:
-            if "macro" in a:
-                v = values[a["macro"]] = int(evaluate(a["value"], env))
+        for a in l.args:
+            if a.macro is not None:
+                v = values[a.macro] = int(evaluate(a.value, env))
                 if not 0 <= v < 2 ** 31:
-                    raise BindError(f"kernel {l['kernel']} (op {l['op']}): {a['param']} = {a['value']} = {v} does not fit "
+                    raise BindError(f"kernel {l.kernel} (op {l.op}): {a.param} = {a.value} = {v} does not fit "
                                     f"the kernel's int argument")
     return ("-DDTF_SHAPED",) + tuple(f"-D{m}={v}" for m, v in sorted(values.items()))

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dtypeforge.codegen.compile import ARCH_RE, compile_cubin, header_files, toolchains_for
+from dtypeforge.codegen.contract import Manifest
 from dtypeforge.codegen.dtypes import DTYPES, INDEX_NP, from_storage
 
 from .binding import INDEX, BoundLaunch, bind, buffer_table, prefill_chunks, shape_defines
@@ -64,20 +65,20 @@ def gpu_name() -> str:
     return _driver().Device(0).name()
 
 
-def check_gpu_runs(manifest: dict, gpu: str, major: int, minor: int) -> None:
+def check_gpu_runs(manifest: Manifest, gpu: str, major: int, minor: int) -> None:
     """Refuse a target generated for a newer arch than the GPU's, before compiling: its kernels use
     what that arch has (griddepcontrol, bulk prefetch, fp8 conversions), so ptxas would fail deep
     inside the build, or a kernel at launch. A newer GPU runs an older arch's target."""
-    spec = manifest["arch"]
+    spec = manifest.arch
     number, suffix = ARCH_RE.match(spec).groups()
     if suffix and int(number) != 10 * major + minor:   # sm_90a: that arch's own instructions (wgmma), no other
         raise BackendUnavailable(
-            f"target {manifest['target']} was generated for {spec} (device spec {manifest['device']}), whose code runs "
+            f"target {manifest.target} was generated for {spec} (device spec {manifest.device}), whose code runs "
             f"only on sm_{number} GPUs, but this GPU, {gpu}, is sm_{major}{minor}: pass --device auto, or --device with "
             f"a spec for sm_{major}{minor} (`codegen list` shows each spec's arch)")
     if int(number) > 10 * major + minor:
         raise BackendUnavailable(
-            f"target {manifest['target']} was generated for {spec} (device spec {manifest['device']}), but this GPU, "
+            f"target {manifest.target} was generated for {spec} (device spec {manifest.device}), but this GPU, "
             f"{gpu}, is sm_{major}{minor}: pass --device auto, or --device with a spec for sm_{major}{minor} or older "
             f"(`codegen list` shows each spec's arch)")
 
@@ -284,7 +285,7 @@ class CudaBackend:
                                            progress=progress, what=" with this model's shapes" if self.shaped else ""))
         self.stream = drv.Stream()
         # kernels generated with griddepcontrol (the device spec's programmatic_dependent_launch) on sm_90+
-        self.pdl = bool(self.manifest.get("programmatic_dependent_launch")) and major >= 9
+        self.pdl = self.manifest.programmatic_dependent_launch and major >= 9
         t0 = time.perf_counter()
         self.alloc: dict[str, object] = {}
         by_id: dict[int, object] = {}

@@ -19,13 +19,14 @@ import struct
 import sys
 from collections.abc import Callable
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from dtypeforge.codegen.contract import Manifest, PackedWeight, Transform
 from dtypeforge.codegen.dtypes import (DTYPES, from_storage, max_finite, overflow_threshold, quantize_per_output_channel,
                                        to_storage)
 from dtypeforge.codegen.expr import evaluate
@@ -111,26 +112,26 @@ def read_config(model_dir: Path) -> tuple[dict, Path]:
     return config, path
 
 
-def check_config(manifest: dict, config: dict, config_path: Path, env: dict) -> None:
+def check_config(manifest: Manifest, config: dict, config_path: Path, env: dict) -> None:
     """Every config.json key that changes the math is one the model spec computes, or the run is
     refused by name: the architecture, the gate's keys (biases, activation, sliding window) and the
     RoPE scaling (runtime/rope.py reads it)."""
-    archs, known = config.get("architectures"), manifest["architectures"]
+    archs, known = config.get("architectures"), manifest.architectures
     if not (isinstance(archs, list) and archs and all(a in known for a in archs)):
-        raise ConfigError(f"{config_path}: architectures is {archs!r}; the {manifest['model']} spec computes "
+        raise ConfigError(f"{config_path}: architectures is {archs!r}; the {manifest.model} spec computes "
                           f"{', '.join(known)}")
-    for key, rule in manifest["gate"].items():
+    for key, rule in manifest.gate.items():
         value = config.get(key)
-        if any(value == v and type(value) is type(v) for v in rule["values"]):   # 0 is not false
+        if any(value == v and type(value) is type(v) for v in rule.values):   # 0 is not false
             continue
-        floor = rule.get("or_at_least")
+        floor = rule.or_at_least
         if floor and isinstance(value, int) and not isinstance(value, bool) and value >= env[floor]:
             continue
-        allowed = " or ".join("absent" if v is None else json.dumps(v) for v in rule["values"])
+        allowed = " or ".join("absent" if v is None else json.dumps(v) for v in rule.values)
         if floor:
             allowed += f", or at least {floor} ({env[floor]} for this run)"
-        raise ConfigError(f"{config_path}: {key} is {json.dumps(value)}; the {manifest['model']} spec computes {allowed}")
-    rope_scaling(manifest["rope"], config, str(config_path))
+        raise ConfigError(f"{config_path}: {key} is {json.dumps(value)}; the {manifest.model} spec computes {allowed}")
+    rope_scaling(manifest.rope, config, str(config_path))
 
 
 def _shard_files(model_dir: Path) -> tuple[list[Path], dict[str, str] | None, Path | None]:
@@ -220,7 +221,7 @@ class PackedModel:
 @dataclass(frozen=True)
 class _Job:
     """One concrete packed weight: entry with {i} filled in and tied sources resolved."""
-    entry: dict
+    entry: PackedWeight
     name: str
     sources: tuple[str, ...]
     shape: tuple[int, ...]
@@ -232,26 +233,27 @@ def _in_layer(i: int | None, name: str) -> str:
     return name if i is None else name.replace("{i}", str(i))
 
 
-def _shape(exprs: list[str], env: dict) -> tuple[int, ...]:
+def _shape(exprs: tuple[str, ...], env: dict) -> tuple[int, ...]:
     return tuple(evaluate(e, env) for e in exprs)
 
 
-def _check_transforms(entry: dict) -> None:
+def _check_transforms(entry: PackedWeight) -> None:
     """The table's transform list must be one this loader implements: an optional
     concat_rows of all sources, then exactly one cast or per_output_channel quantize to the
     entry's dtype. Anything else (a newer codegen) must fail rather than be half-applied."""
-    ts = entry["transforms"]
-    n = len(entry["sources"])
-    concat = [{"op": "concat_rows", "parts": n}] if n > 1 else []
-    last = ts[-1] if ts else {}
-    ok = ts[:-1] == concat and (
-        last == {"op": "cast", "dtype": entry["dtype"]}
-        or (last.get("op") == "quantize" and last.get("scheme") == "per_output_channel"
-            and last.get("dtype") == entry["dtype"] and "scale" in entry
-            and last.get("scale_dtype") == entry["scale"]["dtype"]))
-    if not ok:
-        raise LoadError(f"packing.json entry {entry['name']}: transforms {ts} are not supported by this loader "
-                        f"(expected {concat + [{'op': 'cast or quantize', 'dtype': entry['dtype']}]})")
+    concat = (Transform(op="concat_rows", parts=len(entry.sources)),) if len(entry.sources) > 1 else ()
+    allowed = [concat + (Transform(op="cast", dtype=entry.dtype),)]
+    if entry.scale:
+        allowed.append(concat + (Transform(op="quantize", scheme="per_output_channel", dtype=entry.dtype,
+                                           scale_dtype=entry.scale.dtype),))
+    if entry.transforms not in allowed:
+        raise LoadError(f"packing.json entry {entry.name}: transforms {_spell(entry.transforms)} are not supported by "
+                        f"this loader (expected {' or '.join(map(_spell, allowed))})")
+
+
+def _spell(transforms: tuple[Transform, ...]) -> str:
+    """Transforms as packing.json writes them: each one's fields that are set."""
+    return str([{f.name: getattr(t, f.name) for f in fields(t) if getattr(t, f.name) is not None} for t in transforms])
 
 
 def _plan(target: Target, ckpt: Checkpoint, env: dict) -> list[_Job]:
@@ -259,25 +261,25 @@ def _plan(target: Target, ckpt: Checkpoint, env: dict) -> list[_Job]:
     dtype and shape, and that the sources make up the declared packed shape, before
     anything is converted."""
     jobs = []
-    for entry in target.packing["weights"]:
+    for entry in target.packing.weights:
         _check_transforms(entry)
-        tied = entry.get("tied_to")
-        for i in range(env["n_layers"]) if entry["per_layer"] else [None]:
-            name = _in_layer(i, entry["name"])
-            sources = [_in_layer(i, s["name"]) for s in entry["sources"]]
+        tied, scale = entry.tied_to, entry.scale
+        for i in range(env["n_layers"]) if entry.per_layer else [None]:
+            name = _in_layer(i, entry.name)
+            sources = [_in_layer(i, s.name) for s in entry.sources]
             why = f"packed weight {name}"
-            if tied and env[tied["when"]]:
-                sources = [_in_layer(i, tied["source"])]
-                why += f" (tied to {sources[0]} because {tied['when']} is true)"
+            if tied and env[tied.when]:
+                sources = [_in_layer(i, tied.source)]
+                why += f" (tied to {sources[0]} because {tied.when} is true)"
             elif tied:
-                why += f" ({tied['when']} is false, so it is not tied to {tied['source']})"
-            shapes = [_check_source(ckpt, src, spec["shape"], env, why) for src, spec in zip(sources, entry["sources"])]
-            job = _Job(entry, name, tuple(sources), _shape(entry["shape"], env),
-                       _in_layer(i, entry["scale"]["name"]) if "scale" in entry else None,
-                       _shape(entry["scale"]["shape"], env) if "scale" in entry else None)
+                why += f" ({tied.when} is false, so it is not tied to {tied.source})"
+            shapes = [_check_source(ckpt, src, spec.shape, env, why) for src, spec in zip(sources, entry.sources)]
+            job = _Job(entry, name, tuple(sources), _shape(entry.shape, env),
+                       _in_layer(i, scale.name) if scale else None,
+                       _shape(scale.shape, env) if scale else None)
             packs_to = (sum(s[0] for s in shapes),) + shapes[0][1:]
             if job.shape != packs_to or job.scale_shape not in (None, packs_to[:1]):
-                raise LoadError(f"packing.json entry {entry['name']}: sources {sources} pack to {list(packs_to)}, but the "
+                raise LoadError(f"packing.json entry {entry.name}: sources {sources} pack to {list(packs_to)}, but the "
                                 f"entry declares shape {list(job.shape)}"
                                 + (f" and scale shape {list(job.scale_shape)}" if job.scale_shape else "")
                                 + "; regenerate the target with `codegen build`")
@@ -285,7 +287,7 @@ def _plan(target: Target, ckpt: Checkpoint, env: dict) -> list[_Job]:
     return jobs
 
 
-def _check_source(ckpt: Checkpoint, name: str, shape_exprs: list[str], env: dict, why: str) -> tuple[int, ...]:
+def _check_source(ckpt: Checkpoint, name: str, shape_exprs: tuple[str, ...], env: dict, why: str) -> tuple[int, ...]:
     if name in ckpt.computed:
         want = _shape(shape_exprs, env)
         if ckpt.computed[name].shape != want:
@@ -311,13 +313,13 @@ def _check_source(ckpt: Checkpoint, name: str, shape_exprs: list[str], env: dict
 def _computed(target: Target, ckpt: Checkpoint, env: dict) -> dict[str, np.ndarray]:
     """The tensors the packing table marks as computed from config.json, by the section that makes them."""
     out = {}
-    for entry in target.packing["weights"]:
-        for src in entry["sources"]:
-            if src.get("computed") == "rope":
-                (n_pairs,) = _shape(src["shape"], env)
-                out[src["name"]] = inv_freq(target.manifest["rope"], ckpt.config, env, n_pairs, str(ckpt.config_path))
-            elif "computed" in src:
-                raise LoadError(f"packing.json source {src['name']}: computed by {src['computed']!r}, which this loader "
+    for entry in target.packing.weights:
+        for src in entry.sources:
+            if src.computed == "rope":
+                (n_pairs,) = _shape(src.shape, env)
+                out[src.name] = inv_freq(target.manifest.rope, ckpt.config, env, n_pairs, str(ckpt.config_path))
+            elif src.computed is not None:
+                raise LoadError(f"packing.json source {src.name}: computed by {src.computed!r}, which this loader "
                                 "does not know; regenerate the target with `codegen build`")
     return out
 
@@ -330,22 +332,22 @@ def _check_consumed(target: Target, ckpt: Checkpoint, env: dict, jobs: list[_Job
     """Every checkpoint tensor is packed, replaced by a tie, or one the spec ignores: a tensor nothing
     reads is math the spec does not have (a bias, an extra norm) or layers beyond num_hidden_layers."""
     used = {s for job in jobs for s in job.sources}
-    for entry in target.packing["weights"]:          # a tied tensor's own copy may be present, unread
-        if entry.get("tied_to") and env[entry["tied_to"]["when"]]:
-            used |= {s["name"] for s in entry["sources"]}
-    ignored = [_layer_pattern(t) for t in target.packing.get("ignored_tensors", [])]
+    for entry in target.packing.weights:          # a tied tensor's own copy may be present, unread
+        if entry.tied_to and env[entry.tied_to.when]:
+            used |= {s.name for s in entry.sources}
+    ignored = [_layer_pattern(t) for t in target.packing.ignored_tensors]
     extra = sorted(t for t in ckpt.tensors if t not in used and not any(p.match(t) for p in ignored))
     if not extra:
         return
-    per_layer = [_layer_pattern(s["name"]) for e in target.packing["weights"] if e["per_layer"] for s in e["sources"]]
+    per_layer = [_layer_pattern(s.name) for e in target.packing.weights if e.per_layer for s in e.sources]
     beyond = [t for t in extra for p in per_layer if (m := p.match(t)) and int(m.group(1)) >= env["n_layers"]]
-    n_layers_key = target.manifest["config"]["n_layers"]["hf"][0]
+    n_layers_key = target.manifest.config["n_layers"].hf[0]
     if beyond:
         layers = 1 + max(int(m.group(1)) for t in beyond for p in per_layer if (m := p.match(t)))
         raise LoadError(f"{ckpt.config_path}: {n_layers_key} is {env['n_layers']}, but the checkpoint in {ckpt.dir} has "
                         f"tensors of {layers} layers (e.g. {beyond[0]}); they must agree")
     more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
-    raise LoadError(f"checkpoint {ckpt.dir} has tensor {extra[0]}{more}, which the {target.manifest['model']} spec does "
+    raise LoadError(f"checkpoint {ckpt.dir} has tensor {extra[0]}{more}, which the {target.manifest.model} spec does "
                     f"not use: math it does not compute (a bias, another norm), so it cannot run this model")
 
 
@@ -382,14 +384,14 @@ def _check_values(ckpt: Checkpoint, name: str, a: np.ndarray, job: _Job, holds: 
         raise NonFiniteWeightError(f"tensor {name} {where} has {what} at {_index(a.shape, flat)} (flat index {flat}); "
                                    "weights must be finite")
     entry = job.entry
-    if "scale" in entry:
+    if entry.scale:
         return
-    storage, amax = entry["dtype"], max(hi, -lo)
+    storage, amax = entry.dtype, max(hi, -lo)
     limit = overflow_threshold(storage)
     if amax < limit:
         return
     flat = int(np.argmax(np.abs(a.reshape(-1)) >= limit))
-    role = entry.get("role")
+    role = entry.role
     if holds is None:
         fix = f"a policy that stores role {role} in a wider dtype holds it (`codegen explain` shows each policy)"
     else:
@@ -406,13 +408,13 @@ def _pack(ckpt: Checkpoint, job: _Job, holds: Holds | None = None) -> tuple[np.n
         _check_values(ckpt, name, part, job, holds)
     w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     entry = job.entry
-    if "scale" not in entry:
-        return to_storage(w, entry["dtype"]), None
+    if not entry.scale:
+        return to_storage(w, entry.dtype), None
     try:
-        q, scales = quantize_per_output_channel(w, entry["dtype"], entry["scale"]["dtype"])
+        q, scales = quantize_per_output_channel(w, entry.dtype, entry.scale.dtype)
     except ValueError as e:
         raise LoadError(f"packed weight {job.name} (from {', '.join(job.sources)}): {e}") from None
-    return q, to_storage(scales, entry["scale"]["dtype"])
+    return q, to_storage(scales, entry.scale.dtype)
 
 
 def pack_weights(target: Target, model_dir: Path | str, *, max_seq: int | None = None,
@@ -433,7 +435,7 @@ def pack_weights(target: Target, model_dir: Path | str, *, max_seq: int | None =
     arrays: dict[str, np.ndarray] = {}
     done: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
     for job in tqdm(jobs, desc=f"packing {target.name}", unit="tensor", disable=not progress, file=sys.stderr):
-        key = (job.sources, json.dumps(job.entry["transforms"]), job.shape)
+        key = (job.sources, job.entry.transforms, job.shape)
         if key not in done:
             w, scale = _pack(ckpt, job, holds)
             for a in (w, scale):

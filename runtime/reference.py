@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dtypeforge.codegen.contract import Manifest
 from dtypeforge.codegen.dtypes import from_storage, round_to
 from .binding import bind, buffer_table, prefill_chunks
 
@@ -272,7 +273,7 @@ class ReferenceBackend:
 
     name = "cpu"
 
-    def __init__(self, manifest: dict, packed):
+    def __init__(self, manifest: Manifest, packed):
         self.manifest, self.env = manifest, packed.env
         table = self.table = buffer_table(manifest, self.env, packed.arrays)
         self.launches = bind(manifest, self.env, table)
@@ -305,8 +306,8 @@ class ReferenceBackend:
         return arr.reshape(-1)[a.offset:a.offset + n].reshape(a.shape)
 
     def reset(self) -> None:
-        for b in self.manifest["buffers"]:
-            self.arrays[b["name"]][...] = 0
+        for b in self.manifest.buffers:
+            self.arrays[b.name][...] = 0
 
     def prefill_program(self, tokens: int) -> list[tuple]:
         """(op, args, dtypes, final) of one prefill launch of `tokens` rows, bound once per size."""

@@ -18,22 +18,24 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from dtypeforge.codegen.contract import RopeSpec
+
 from .target import ConfigError
 
 # keys a scaling mapping may hold besides the type's own parameters
 _COMMON = ("rope_type", "type", "rope_theta")
 
 
-def scaling(rope: Mapping, config: Mapping, where: str) -> tuple[str, dict]:
+def scaling(rope: RopeSpec, config: Mapping, where: str) -> tuple[str, dict]:
     """(rope_type, its parameters) from the first of the spec's keys that holds a mapping."""
-    for key in rope["keys"]:
+    for key in rope.keys:
         value = config.get(key)
         if value is None:
             continue
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: {key} is {value!r}; expected a mapping {{rope_type, ...}} or null")
         kind = value.get("rope_type", value.get("type", "default"))
-        types = rope["types"]
+        types = rope.types
         if kind not in types:
             raise ConfigError(f"{where}: {key}.rope_type is {kind!r}; supported RoPE types: {', '.join(types)}")
         params = {}
@@ -50,13 +52,13 @@ def scaling(rope: Mapping, config: Mapping, where: str) -> tuple[str, dict]:
     return "default", {}
 
 
-def inv_freq(rope: Mapping, config: Mapping, env: Mapping, n_pairs: int, where: str) -> np.ndarray:
+def inv_freq(rope: RopeSpec, config: Mapping, env: Mapping, n_pairs: int, where: str) -> np.ndarray:
     """float32[n_pairs]: the inverse frequency of each rotary pair, scaled as the config says.
 
     Each step is the float32 operation transformers performs, in its order (numpy's float32 arithmetic
     with Python scalars rounds as torch's does), so the table is transformers' bit for bit; only the
     power is taken in float64 and rounded once, the best estimate of a float32 pow."""
-    theta = float(env[rope["theta"]])
+    theta = float(env[rope.theta])
     if not math.isfinite(theta) or theta <= 1.0:
         raise ConfigError(f"{where}: rope_theta is {theta!r}; RoPE needs a base greater than 1")
     kind, p = scaling(rope, config, where)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dtypeforge.codegen import contract, expr
+from dtypeforge.codegen.contract import ConfigKey, Manifest, Packing
 
 GENERATED = Path(__file__).resolve().parent.parent / "generated"
 
@@ -45,13 +46,14 @@ class ConfigError(LoadError):
 
 @dataclass(frozen=True)
 class Target:
+    """A generated target folder, its two files read as the contract's records."""
     path: Path
-    manifest: dict
-    packing: dict
+    manifest: Manifest
+    packing: Packing
 
     @property
     def name(self) -> str:
-        return self.manifest["target"]
+        return self.manifest.target
 
 
 def find_target(device: str, policy: str, layout: str = "separate", generated: Path = GENERATED,
@@ -91,14 +93,14 @@ def load_target(path: Path | str) -> Target:
     from the other, so a stale half would silently disagree on dtypes."""
     path = Path(path)
     try:
-        manifest = contract.check("manifest", _read_json(path / "manifest.json"), str(path / "manifest.json"))
-        packing = contract.check("packing", _read_json(path / "packing.json"), str(path / "packing.json"))
+        manifest = contract.load_manifest(_read_json(path / "manifest.json"), str(path / "manifest.json"))
+        packing = contract.load_packing(_read_json(path / "packing.json"), str(path / "packing.json"))
     except contract.ContractError as e:
         raise LoadError(str(e)) from None
-    for key in ("target", "inputs"):
-        if manifest.get(key) != packing.get(key):
-            raise LoadError(f"{path}: manifest.json has {key} {manifest.get(key)!r} but packing.json has "
-                            f"{packing.get(key)!r}; regenerate both with `codegen build`")
+    for key, ours, theirs in (("target", manifest.target, packing.target), ("inputs", manifest.inputs, packing.inputs)):
+        if ours != theirs:
+            raise LoadError(f"{path}: manifest.json has {key} {ours!r} but packing.json has "
+                            f"{theirs!r}; regenerate both with `codegen build`")
     return Target(path, manifest, packing)
 
 
@@ -137,18 +139,18 @@ def materialize(name: str, files: Mapping[str, str], root: Path | None = None) -
     return out
 
 
-def _check_value(sym: str, key: str, spec: dict, value, where: str):
+def _check_value(sym: str, key: str, spec: ConfigKey, value, where: str):
     """``value`` typed as the symbol declares (ints stay int, floats become float)."""
-    if isinstance(value, bool) and spec["type"] != "bool" or not isinstance(value, _TYPES[spec["type"]]):
-        raise ConfigError(f"{where}: {key} (symbol {sym}) must be {spec['type']}, found {value!r}")
-    if spec["type"] == "int" and value <= 0:
+    if isinstance(value, bool) and spec.type != "bool" or not isinstance(value, _TYPES[spec.type]):
+        raise ConfigError(f"{where}: {key} (symbol {sym}) must be {spec.type}, found {value!r}")
+    if spec.type == "int" and value <= 0:
         raise ConfigError(f"{where}: {key} (symbol {sym}) must be a positive int, found {value!r}")
-    if spec["type"] == "float" and not math.isfinite(value):
+    if spec.type == "float" and not math.isfinite(value):
         raise ConfigError(f"{where}: {key} (symbol {sym}) must be a finite number, found {value!r}")
-    return float(value) if spec["type"] == "float" else value
+    return float(value) if spec.type == "float" else value
 
 
-def model_env(manifest: Mapping, hf_config: Mapping, config_path: Path | str, *,
+def model_env(manifest: Manifest, hf_config: Mapping, config_path: Path | str, *,
               max_seq: int | None = None) -> dict[str, int | float | bool]:
     """Every config symbol of ``manifest`` evaluated for the checkpoint whose config.json
     (at ``config_path``, named in errors) parsed to ``hf_config``.
@@ -159,19 +161,19 @@ def model_env(manifest: Mapping, hf_config: Mapping, config_path: Path | str, *,
     cache below max_position_embeddings (a 128k-position model rarely needs a 128k cache).
     """
     where = str(config_path)
-    specs = manifest["config"]
+    specs = manifest.config
     env: dict[str, int | float | bool] = {}
     pending: dict[str, str] = {}
     for sym, spec in specs.items():
-        key = next((k for k in spec["hf"] if lookup(hf_config, k) is not None), None)
+        key = next((k for k in spec.hf if lookup(hf_config, k) is not None), None)
         if key is not None:
             env[sym] = _check_value(sym, key, spec, lookup(hf_config, key), where)
-        elif isinstance(spec["default"], str):
-            pending[sym] = spec["default"]
-        elif spec["default"] is not None:
-            env[sym] = spec["default"]
+        elif isinstance(spec.default, str):
+            pending[sym] = spec.default
+        elif spec.default is not None:
+            env[sym] = spec.default
         else:
-            raise ConfigError(f"{where}: missing key {' or '.join(spec['hf'])} (symbol {sym}, {spec['type']}), which has no default")
+            raise ConfigError(f"{where}: missing key {' or '.join(spec.hf)} (symbol {sym}, {spec.type}), which has no default")
     while pending:
         ready = [s for s, e in pending.items() if expr.symbols_of(e) <= env.keys()]
         if not ready:
@@ -180,7 +182,7 @@ def model_env(manifest: Mapping, hf_config: Mapping, config_path: Path | str, *,
         for sym in ready:
             value = expr.evaluate(pending.pop(sym), env)
             if value <= 0:
-                raise ConfigError(f"{where}: {specs[sym]['hf'][0]} is absent and its default {specs[sym]['default']} "
+                raise ConfigError(f"{where}: {specs[sym].hf[0]} is absent and its default {specs[sym].default} "
                                   f"gives {value}; symbol {sym} must be a positive int")
             env[sym] = value
     if max_seq is not None:
@@ -190,5 +192,5 @@ def model_env(manifest: Mapping, hf_config: Mapping, config_path: Path | str, *,
             raise ConfigError(f"max_seq cap must be a positive int, found {max_seq!r}")
         env["max_seq"] = min(max_seq, env["max_seq"])
     # the rows the prefill buffers hold: the device's prefill chunk, no more than the context
-    env["chunk"] = min(manifest["prefill_chunk"], env.get("max_seq", manifest["prefill_chunk"]))
+    env["chunk"] = min(manifest.prefill_chunk, env.get("max_seq", manifest.prefill_chunk))
     return env

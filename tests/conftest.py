@@ -7,6 +7,7 @@ directory into place, so a directory that exists with every file is complete.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -26,6 +27,14 @@ def golden_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def as_json(record) -> dict:
+    """A manifest or packing record (codegen.contract) as its file parses: a test edits it as a stale or
+    hand-edited file would differ, then loads it back through the contract."""
+    return json.loads(json.dumps(dataclasses.asdict(record)))
+
+
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 

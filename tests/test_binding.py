@@ -3,11 +3,11 @@ dtype and shape is checked against the buffer bound to it. Tampering with a mani
 stale or hand-edited file would) must be caught with kernel, argument, expected and found."""
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
+from conftest import as_json
 
+from dtypeforge.codegen.contract import load_manifest
 from dtypeforge.runtime.binding import BindError, bind, buffer_table
 from dtypeforge.runtime.loader import pack_weights
 from dtypeforge.runtime.reference import ReferenceBackend
@@ -26,16 +26,20 @@ def packed(tiny):
     return t, pack_weights(t, tiny, progress=False)
 
 
-def _gemv(manifest, op):
+def _gemv(manifest: dict, op):
     return next(l for l in manifest["decode_step"] if l["op"] == op)
+
+
+def _load(manifest: dict):
+    return load_manifest(manifest, "edited manifest.json")
 
 
 def test_untampered_manifest_binds(packed):
     t, p = packed
     launches = bind(t.manifest, p.env, buffer_table(t.manifest, p.env, p.arrays))
     n_layers = p.env["n_layers"]
-    per_layer = sum(l["per_layer"] for l in t.manifest["decode_step"])
-    assert len(launches) == n_layers * per_layer + len(t.manifest["decode_step"]) - per_layer
+    per_layer = sum(l.per_layer for l in t.manifest.decode_step)
+    assert len(launches) == n_layers * per_layer + len(t.manifest.decode_step) - per_layer
     # layer-major order: all of layer 0's ops before layer 1's
     layers = [l.layer for l in launches if l.layer is not None]
     assert layers == sorted(layers)
@@ -43,7 +47,7 @@ def test_untampered_manifest_binds(packed):
 
 def test_weight_dtype_tampered_in_manifest(packed):
     t, p = packed
-    m = copy.deepcopy(t.manifest)
+    m = as_json(t.manifest)
     launch = _gemv(m, "q_proj")
     kern = next(k for k in m["kernels"] if k["name"] == launch["kernel"])
     # a manifest claiming the q weights are f32 (kernel signature and launch agree, the loader does not)
@@ -54,6 +58,7 @@ def test_weight_dtype_tampered_in_manifest(packed):
     for l in m["decode_step"]:
         if l["kernel"] == launch["kernel"]:
             l["args"][0]["dtype"] = "f32"
+    m = _load(m)
     with pytest.raises(BindError) as e:
         bind(m, p.env, buffer_table(m, p.env, p.arrays))
     msg = str(e.value)
@@ -62,8 +67,9 @@ def test_weight_dtype_tampered_in_manifest(packed):
 
 def test_shape_tampered_in_manifest(packed):
     t, p = packed
-    m = copy.deepcopy(t.manifest)
+    m = as_json(t.manifest)
     next(a for a in _gemv(m, "o_proj")["args"] if a["param"] == "w")["shape"] = ["n_heads * head_dim", "hidden"]
+    m = _load(m)
     arrays = dict(p.arrays)
     # n_heads * head_dim == hidden in every shipped shape, so a packed array of another shape stands in
     # for a loader that packed something other than what the manifest declares
@@ -74,8 +80,9 @@ def test_shape_tampered_in_manifest(packed):
 
 def test_launch_and_kernel_signature_disagree(packed):
     t, p = packed
-    m = copy.deepcopy(t.manifest)
+    m = as_json(t.manifest)
     next(a for a in _gemv(m, "down_proj")["args"] if a["param"] == "x")["dtype"] = "bf16"
+    m = _load(m)
     with pytest.raises(BindError, match="argument x: the launch declares dtype bf16 but the kernel's parameter is f16"):
         bind(m, p.env, buffer_table(m, p.env, p.arrays))
 
@@ -89,10 +96,10 @@ def test_missing_packed_weight(packed):
 
 def test_reference_backend_refuses_tampered_manifest(packed):
     t, p = packed
-    m = copy.deepcopy(t.manifest)
+    m = as_json(t.manifest)
     next(a for a in _gemv(m, "lm_head")["args"] if a["param"] == "w")["dtype"] = "f32"
     with pytest.raises(BindError):
-        ReferenceBackend(m, p)
+        ReferenceBackend(_load(m), p)
 
 
 def test_model_beyond_a_kernels_limit_is_refused_before_binding(packed):
@@ -100,14 +107,14 @@ def test_model_beyond_a_kernels_limit_is_refused_before_binding(packed):
     would overrun them silently, so binding refuses it by name (the reference backend has no limit,
     and the reference targets' manifests carry none)."""
     t, p = packed
-    limits = [l["limits"] for l in t.manifest["decode_step"] if "limits" in l]
+    limits = [l.limits for l in t.manifest.decode_step if l.limits is not None]
     assert limits == [{"head_dim": 256}]
     table = buffer_table(t.manifest, p.env, p.arrays)
     with pytest.raises(BindError, match=r"kernel attention_\w+ \(op attention\): head_dim = 512 exceeds 256, the most its "
                                          r"CUDA template supports; .*--backend cpu"):
         bind(t.manifest, {**p.env, "head_dim": 512}, table)
     ref = load_target(find_target("reference", "f16", "separate"))
-    assert not any("limits" in l for l in ref.manifest["decode_step"])
+    assert all(l.limits is None for l in ref.manifest.decode_step)
 
 
 
@@ -122,7 +129,7 @@ def test_attention_launches_its_one_split_entry_point_exactly_when_the_context_f
         assert att and all(l.kernel == f"attention_qf16_kcf16_vcf16_yf16_cf32_af32{suffix}" for l in att), max_seq
         assert all(l.grid[0] == env["n_heads"] * blocks_per_head for l in att), max_seq
     ref = load_target(find_target("reference", "f16", "fused"))
-    assert not any("variants" in l for l in ref.manifest["decode_step"])
+    assert all(l.variants is None for l in ref.manifest.decode_step)
 
 
 def test_shaped_entries_compile_the_models_shapes_but_not_the_context(tiny):
@@ -154,7 +161,7 @@ def test_shaped_entries_compile_the_models_shapes_but_not_the_context(tiny):
     assert by_context[64] == by_context[700]
     ref = load_target(find_target("reference", "f16", "fused"))
     assert shape_defines(ref.manifest, p.env) is None
-    assert not any("shaped_kernel" in l or any("macro" in a for a in l["args"]) for l in ref.manifest["decode_step"])
+    assert all(l.shaped_kernel is None and all(a.macro is None for a in l.args) for l in ref.manifest.decode_step)
 
 
 def test_a_shape_too_large_for_an_int_argument_is_refused(packed):

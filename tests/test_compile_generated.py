@@ -19,7 +19,7 @@ from dtypeforge.codegen.compile import compile_cubin, toolchains_for
 from dtypeforge.codegen.expr import evaluate
 from dtypeforge.runtime.binding import shape_defines
 from dtypeforge.runtime.synth import hf_config
-from dtypeforge.runtime.target import model_env
+from dtypeforge.runtime.target import load_target, model_env
 
 REGISTER_FILE = 65536            # 32-bit registers per SM on every arch the specs name (sm_52 .. sm_121)
 
@@ -44,15 +44,15 @@ def test_every_arch_is_covered():
     assert {a for a, _ in SOURCES} == {"sm_52", "sm_61", "sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90a", "sm_100", "sm_121"}
 
 
-def _block_threads(manifest: dict, shaped: bool) -> dict[str, int]:
+def _block_threads(manifest, shaped: bool) -> dict[str, int]:
     """Threads per block of each entry point a launch may use (a kernel's or variant's, or with shapes
     compiled in, its shaped entry), the largest over the launches (a block that is an expression,
     RoPE's head_dim // 2, at the largest head_dim attention supports, 256)."""
     out: dict[str, int] = {}
     key = "shaped_kernel" if shaped else "kernel"
-    for launch in manifest["decode_step"] + manifest["prefill_step"]:
-        n = int(evaluate(launch["block"], {"head_dim": 256}))
-        for name in [launch[key]] + [v[key] for v in launch.get("variants", [])]:
+    for launch in manifest.decode_step + manifest.prefill_step:
+        n = int(evaluate(launch.block, {"head_dim": 256}))
+        for name in [getattr(e, key) for e in (launch, *(launch.variants or ()))]:
             out[name] = max(n, out.get(name, 0))
     return out
 
@@ -66,7 +66,7 @@ def test_target_compiles(arch, target, shaped, tmp_path, caplog):
     fails with 'too many resources requested', on the GPU only. The attention kernel's 512 threads
     leave it 128 registers, exactly what it uses; its launch bound keeps it there."""
     via_nvcc = toolchains_for(arch).startswith("nvcc")
-    manifest = json.loads((GENERATED / target / "manifest.json").read_text())
+    manifest = load_target(GENERATED / target).manifest
     defines = shape_defines(manifest, model_env(manifest, hf_config("smollm2-135m"), "smollm2-135m")) if shaped else ()
     with caplog.at_level(logging.DEBUG, logger="dtypeforge.codegen.compile"):
         cubin = compile_cubin(GENERATED / target / "kernels.cu", arch, tmp_path / "k.cubin",

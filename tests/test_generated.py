@@ -225,8 +225,8 @@ def test_attention_workspace_and_grid_grow_with_the_context(tmp_path):
     assert [g for g, _ in seen.values()] == [heads, 2 * heads, 4 * heads]
     floats = packed.env["head_dim"] + 2                 # per split: max, sum, output
     assert [w for _, w in seen.values()] == [heads * (s * floats + 1) * 4 for s in (1, 2, 4)]
-    fam = next(k for k in t.manifest["kernels"] if k["template"] == "attention")
-    assert "work" in [p["name"] for p in fam["params"]]
+    fam = next(k for k in t.manifest.kernels if k.template == "attention")
+    assert "work" in [p.name for p in fam.params]
 
 
 def test_kernel_bounds_name_int_parameters_of_their_family():

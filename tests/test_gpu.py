@@ -119,7 +119,7 @@ def test_each_kernel_matches_reference_op(smol, policy, layout):
         gpu.close()
     assert gpu.shaped     # one entry point per op, each checked
     n_grid_stride = len({e for e, l in zip(gpu.entries, gpu.launches) if l.grid_stride})
-    assert len(results) == len({l["op"] for l in t.manifest["decode_step"]}) + n_grid_stride
+    assert len(results) == len({l.op for l in t.manifest.decode_step}) + n_grid_stride
     failed = _failures(results)
     assert not failed, failed
 
@@ -238,8 +238,8 @@ def test_long_context_attention_splits_match_reference_ops(wide, policy):
     block of each head. Run in turn on one backend, so a split counter left behind by one launch
     would leave the next launch's output unwritten (poisoned), which the check catches."""
     t, gpu, ref = _pair(wide, policy, "fused", max_seq=2048)
-    attention = next(l for l in t.manifest["decode_step"] if l["kernel"].startswith("attention"))
-    split = attention["variants"][0]["at_most"]["max_seq"]   # the one-split entry point's bound
+    attention = next(l for l in t.manifest.decode_step if l.kernel.startswith("attention"))
+    split = attention.variants[0].at_most["max_seq"]   # the one-split entry point's bound
     try:
         for pos in (5 * split // 2, split - 1, split, 5 * split // 2):
             failed = _failures(check_target_ops(gpu, ref, seed=pos, pos=pos))
@@ -262,7 +262,7 @@ def test_prefill_kernels_match_reference_ops(smol, policy, layout):
     t, gpu, ref = _pair(smol, policy, layout, max_seq=8192)
     try:
         assert gpu.env["chunk"] >= max(PREFILL_TOKENS), "the device's prefill_chunk is below the largest block checked"
-        n_ops = len({l["op"] for l in t.manifest["prefill_step"]})
+        n_ops = len({l.op for l in t.manifest.prefill_step})
         for tokens, pos in [(n, 37) for n in PREFILL_TOKENS] + [(513, 8192 - 513)]:
             results = check_prefill_ops(gpu, ref, tokens, seed=seed_of(policy, layout, tokens), pos=pos)
             assert len(results) == n_ops

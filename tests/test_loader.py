@@ -7,7 +7,6 @@ checks that the message names the file/tensor and the expected and found values.
 """
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import struct
@@ -15,7 +14,10 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import as_json
 from safetensors.numpy import load_file, save_file
+
+from dtypeforge.codegen.contract import Tie, load_packing
 
 from dtypeforge.codegen.dtypes import DTYPES, from_storage, quantize_per_output_channel, to_storage
 from dtypeforge.codegen.expr import evaluate
@@ -70,11 +72,16 @@ def edit_config(model_dir, **changes):
 
 def concrete(entry, env):
     """(layer index or None, name, sources) for each instance of a packing entry, ties resolved."""
-    tied = entry.get("tied_to")
-    for i in range(env["n_layers"]) if entry["per_layer"] else [None]:
+    tied = entry.tied_to
+    for i in range(env["n_layers"]) if entry.per_layer else [None]:
         fill = (lambda s: s.replace("{i}", str(i)))
-        sources = [tied["source"]] if tied and env[tied["when"]] else [s["name"] for s in entry["sources"]]
-        yield i, fill(entry["name"]), [fill(s) for s in sources]
+        sources = [tied.source] if tied and env[tied.when] else [s.name for s in entry.sources]
+        yield i, fill(entry.name), [fill(s) for s in sources]
+
+
+def _with_packing(t: Target, packing: dict) -> Target:
+    """``t`` with an edited packing.json, loaded through the contract."""
+    return Target(t.path, t.manifest, load_packing(packing, "edited packing.json"))
 
 
 def bits(a):
@@ -94,55 +101,55 @@ def test_packs_every_entry_exactly(tiny, tiny_sources, policy, layout):
     assert np.allclose(packed.arrays["rope_freq"], table, rtol=3e-7, atol=0)
     sources_of = {**tiny_sources, "rope_inv_freq": packed.arrays["rope_freq"]}
     expected_names = set()
-    for entry in t.packing["weights"]:
+    for entry in t.packing.weights:
         for i, name, sources in concrete(entry, packed.env):
             arr = packed.arrays[name]
-            shape = tuple(evaluate(e, packed.env) for e in entry["shape"])
-            assert arr.dtype == DTYPES[entry["dtype"]].np_dtype and arr.shape == shape, name
+            shape = tuple(evaluate(e, packed.env) for e in entry.shape)
+            assert arr.dtype == DTYPES[entry.dtype].np_dtype and arr.shape == shape, name
             src = np.concatenate([sources_of[s] for s in sources], axis=0)
             assert src.shape == shape
             expected_names.add(name)
-            if "scale" not in entry:
-                assert np.array_equal(bits(arr), bits(to_storage(src, entry["dtype"]))), name
+            if not entry.scale:
+                assert np.array_equal(bits(arr), bits(to_storage(src, entry.dtype))), name
                 continue
-            scale_name = entry["scale"]["name"].replace("{i}", str(i))
+            scale_name = entry.scale.name.replace("{i}", str(i))
             expected_names.add(scale_name)
             scale = packed.arrays[scale_name]
-            assert scale.dtype == DTYPES[entry["scale"]["dtype"]].np_dtype and scale.shape == (shape[0],)
-            q, s = quantize_per_output_channel(src, entry["dtype"], entry["scale"]["dtype"])
-            assert np.array_equal(bits(arr), bits(q)) and np.array_equal(from_storage(scale, entry["scale"]["dtype"]), s)
+            assert scale.dtype == DTYPES[entry.scale.dtype].np_dtype and scale.shape == (shape[0],)
+            q, s = quantize_per_output_channel(src, entry.dtype, entry.scale.dtype)
+            assert np.array_equal(bits(arr), bits(q)) and np.array_equal(from_storage(scale, entry.scale.dtype), s)
             # independent of the shared quantizer: each row dequantizes to within half a step
-            s = from_storage(scale, entry["scale"]["dtype"])[:, None].astype(np.float64)
-            deq = from_storage(arr, entry["dtype"]).astype(np.float64) * s
+            s = from_storage(scale, entry.scale.dtype)[:, None].astype(np.float64)
+            deq = from_storage(arr, entry.dtype).astype(np.float64) * s
             err = np.abs(deq - src)
-            if entry["dtype"] == "int8":
+            if entry.dtype == "int8":
                 bound = 0.5 * s
             else:   # 3 mantissa bits: half an ulp is 2**-4 relative; subnormal step is 2**-9 of the scale
                 bound = np.maximum(np.abs(src) * 2.0 ** -4, s * 2.0 ** -10)
             assert np.all(err <= bound * (1 + 1e-6)), name
-            assert np.allclose(s[:, 0], np.abs(src).max(axis=1) / QMAX[entry["dtype"]], rtol=1e-6)
+            assert np.allclose(s[:, 0], np.abs(src).max(axis=1) / QMAX[entry.dtype], rtol=1e-6)
     assert set(packed.arrays) == expected_names
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_tied_lm_head_shares_the_embedding_array(tiny, tiny_sources, policy):
     t = target(policy)
-    lm_head = next(e for e in t.packing["weights"] if e["name"] == "lm_head")
-    assert lm_head["tied_to"] == {"source": "model.embed_tokens.weight", "when": "tie_embeddings"}
+    lm_head = next(e for e in t.packing.weights if e.name == "lm_head")
+    assert lm_head.tied_to == Tie(source="model.embed_tokens.weight", when="tie_embeddings")
     packed = pack_weights(t, tiny, progress=False)
     assert packed.env["tie_embeddings"] is True
     assert packed.arrays["lm_head"] is packed.arrays["embed"]
     assert not packed.arrays["embed"].flags.writeable
     assert np.array_equal(bits(packed.arrays["lm_head"]),
-                          bits(to_storage(tiny_sources["model.embed_tokens.weight"], lm_head["dtype"])))
+                          bits(to_storage(tiny_sources["model.embed_tokens.weight"], lm_head.dtype)))
 
 
 def test_tied_lm_head_with_another_dtype_gets_its_own_array(tiny, tiny_sources):
     t = target("f16")
-    packing = copy.deepcopy(t.packing)
+    packing = as_json(t.packing)
     lm = next(e for e in packing["weights"] if e["name"] == "lm_head")
     lm["dtype"], lm["transforms"] = "f32", [{"op": "cast", "dtype": "f32"}]
-    packed = pack_weights(Target(t.path, t.manifest, packing), tiny, progress=False)
+    packed = pack_weights(_with_packing(t, packing), tiny, progress=False)
     assert packed.arrays["lm_head"] is not packed.arrays["embed"]
     assert packed.arrays["embed"].dtype == np.float16
     assert np.array_equal(packed.arrays["lm_head"], tiny_sources["model.embed_tokens.weight"])
@@ -377,20 +384,22 @@ def test_a_conversion_error_names_the_weight(model):
 
 def test_unsupported_transform_is_refused(tiny):
     t = target("f16")
-    packing = copy.deepcopy(t.packing)
+    packing = as_json(t.packing)
     packing["weights"][0]["transforms"].insert(0, {"op": "transpose"})
-    with pytest.raises(LoadError, match=r"packing\.json entry embed: transforms .*transpose.* are not supported"):
-        pack_weights(Target(t.path, t.manifest, packing), tiny, progress=False)
+    with pytest.raises(LoadError, match=r"packing\.json entry embed: transforms \[\{'op': 'transpose'\}, \{'op': 'cast', "
+                                        r"'dtype': 'f16'\}\] are not supported by this loader \(expected "
+                                        r"\[\{'op': 'cast', 'dtype': 'f16'\}\]\)"):
+        pack_weights(_with_packing(t, packing), tiny, progress=False)
 
 
 def test_packing_table_shapes_must_add_up(tiny):
     t = target("int8-weights", "fused")
-    packing = copy.deepcopy(t.packing)
+    packing = as_json(t.packing)
     wqkv = next(e for e in packing["weights"] if e["name"] == "layers.{i}.wqkv")
     wqkv["scale"]["shape"] = ["n_heads * head_dim"]
     with pytest.raises(LoadError, match=r"packing\.json entry layers\.\{i\}\.wqkv: sources \[.*\] pack to \[128, 64\], "
                                         r"but the entry declares shape \[128, 64\] and scale shape \[64\]"):
-        pack_weights(Target(t.path, t.manifest, packing), tiny, progress=False)
+        pack_weights(_with_packing(t, packing), tiny, progress=False)
 
 
 # ---------------------------------------------------------------------------------- synthetic models

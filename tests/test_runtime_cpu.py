@@ -11,6 +11,7 @@ import pytest
 
 from dtypeforge.codegen.build import GENERATED
 from dtypeforge.runtime.synth import write_synthetic_model
+from dtypeforge.runtime.target import load_target
 
 
 def _no_cuda() -> bool:
@@ -191,10 +192,9 @@ def test_cuda_backend_refuses_a_target_the_gpu_cannot_run(target, cc, refusal):
     """A target for a newer arch than the GPU's (griddepcontrol, bulk prefetch, fp8 conversions) is
     refused before any compile, naming target, spec, GPU and its arch, and so is an arch-specific one
     (sm_90a: wgmma) on any other arch; a newer GPU runs a plain arch's target."""
-    import json
     from dtypeforge.runtime.cuda import check_gpu_runs
     from dtypeforge.runtime.errors import BackendUnavailable
-    manifest = json.loads((GENERATED / target / "manifest.json").read_text())
+    manifest = load_target(GENERATED / target).manifest
     if refusal is None:
         check_gpu_runs(manifest, "NVIDIA GPU", *cc)
     else:
@@ -248,12 +248,11 @@ def test_a_kernel_keeps_the_largest_shared_memory_any_of_its_launches_needs(monk
 def test_compile_cli_builds_the_entry_points_a_model_gets(tmp_path):
     """`codegen compile` builds the generic entry points; with --model, the ones the runtime compiles for
     that model's shapes (one per op, `<kernel>__<op>`), and not the generic ones."""
-    import json
     from dtypeforge.cli import main
     model = write_synthetic_model(tmp_path / "tiny", shape="tiny")
-    manifest = json.loads((GENERATED / "llama.h200.f16.fused" / "manifest.json").read_text())
-    generic = {l["kernel"] for l in manifest["decode_step"]}
-    shaped = {l["shaped_kernel"] for l in manifest["decode_step"]}
+    manifest = load_target(GENERATED / "llama.h200.f16.fused").manifest
+    generic = {l.kernel for l in manifest.decode_step}
+    shaped = {l.shaped_kernel for l in manifest.decode_step}
     for args, want, not_want in (((), generic, shaped), (("--model", str(model)), shaped, generic)):
         cubin = tmp_path / f"k{len(args)}.cubin"
         assert main(["compile", "--device", "h200", "--policy", "f16", "--cubin", str(cubin), *args]) == 0

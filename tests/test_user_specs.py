@@ -65,7 +65,7 @@ def test_an_edited_shipped_policy_runs_as_edited(myspecs, tiny):
     f16.write_text(f16.read_text().replace("kv_cache:    {storage: f16,", "kv_cache:    {storage: f32,"))
     shipped = open_session(load_specs(), tiny, "reference", "f16", backend="cpu", prompt="hi", progress=False)
     edited = open_session(load_specs(myspecs), tiny, "reference", "f16", backend="cpu", prompt="hi", progress=False)
-    kv = lambda s: next(b["dtype"] for b in s.target.manifest["buffers"] if b["name"] == "k_cache")
+    kv = lambda s: next(b.dtype for b in s.target.manifest.buffers if b.name == "k_cache")
     assert (kv(shipped), kv(edited)) == ("f16", "f32")
 
 
