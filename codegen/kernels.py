@@ -122,6 +122,7 @@ _M = Param("m", "int")
 
 GEMM_TILES = ((128, 128), (128, 64), (64, 64))   # (gemm_bm, gemm_bn) tiles dtf/gemm.cuh implements
 GEMM_WIDE_TILES = ((128, 256),)                   # ... and on its wgmma path only
+GEMM_SPLITS = (1, 2, 4, 8)   # blocks (a cluster, wgmma path) that split one tile's K, then reduce through DSMEM
 GEMM_STAGES, GEMM_BK, GEMM_SIMT_BK = 4, 32, 16   # its pipeline: stages of BK k (tensor cores), 2 of SIMT_BK (SIMT)
 GEMM_WG_BK, GEMM_WG_ALIGN, GEMM_WG_SMEM, GEMM_WG_MAX_STAGES = 64, 1024, 232448, 8   # the wgmma path's (sm_90a)
 
@@ -143,16 +144,17 @@ def gemm_smem_bytes(compute_itemsize: int, bm: int, bn: int, wgmma: bool = False
     return max(tc, simt, c)
 
 
-def tuned_sizes(tile: tuple[int, int], itemsizes: dict[str, int], wgmma: bool) -> dict[str, int]:
+def tuned_sizes(tile: tuple[int, int, int], itemsizes: dict[str, int], wgmma: bool) -> dict[str, int]:
     """Sizes that follow from a family's GEMM tile, the device's capabilities and an instance's dtypes, for
-    the families' expressions: the tile (gemm_bm, gemm_bn) and its shared memory (for the compute dtype)."""
-    return {"gemm_bm": tile[0], "gemm_bn": tile[1],
-            "gemm_smem": gemm_smem_bytes(itemsizes.get("itemsize_compute", 4), *tile, wgmma)}
+    the families' expressions: the tile (gemm_bm, gemm_bn), its K split (gemm_split blocks) and its shared
+    memory (for the compute dtype)."""
+    return {"gemm_bm": tile[0], "gemm_bn": tile[1], "gemm_split": tile[2],
+            "gemm_smem": gemm_smem_bytes(itemsizes.get("itemsize_compute", 4), *tile[:2], wgmma)}
 # The GEMM tiles' grid, token tiles fastest, so the blocks that share a weight tile run together and it
-# is read from DRAM once: {gemm_bn} output channels per block, or half as many for the fused epilogues
-# whose tile pairs two channels (gate with up, a rotary pair's two halves).
-_GEMM_GRID = "cdiv(m, {gemm_bm}) * cdiv(%s, {gemm_bn})"
-_GEMM_PAIR_GRID = "cdiv(m, {gemm_bm}) * cdiv(%s, {gemm_bn} // 2)"
+# is read from DRAM once: {gemm_bn} output channels per tile, or half as many for the fused epilogues
+# whose tile pairs two channels (gate with up, a rotary pair's two halves); {gemm_split} blocks a tile.
+_GEMM_GRID = "cdiv(m, {gemm_bm}) * cdiv(%s, {gemm_bn}) * {gemm_split}"
+_GEMM_PAIR_GRID = "cdiv(m, {gemm_bm}) * cdiv(%s, {gemm_bn} // 2) * {gemm_split}"
 _F32_SUMS = (("accumulate", "f32"),)
 _NORM_IN = (Param("x", "in", "x"), Param("gamma", "in", "g"))
 _MAIN = ("compute", "accumulate")

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import expr
 from .dtypes import ARITH_DTYPES, DTYPES, QUANT_SCHEMES, SCALE_DTYPES, STORAGE_DTYPES
-from .kernels import FAMILIES, GEMM_TILES, GEMM_WIDE_TILES, INDEX_KINDS, PREFETCH, PTR_KINDS, gemm_smem_bytes
+from .kernels import FAMILIES, GEMM_SPLITS, GEMM_TILES, GEMM_WIDE_TILES, INDEX_KINDS, PREFETCH, PTR_KINDS, gemm_smem_bytes
 from .yamlsrc import Source, SpecError, load
 
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -45,9 +45,10 @@ WGMMA_ARCH = "sm_90a"
 TUNING = {"gemv_loads": (8, (2, 4, 8, 16)), "l2_prefetch_kib": (0, (0, 1024, 2048, 4096, 8192, 16384, 32768)),
           "attn_threads": (512, (128, 256, 512)), "gemv_rotate_batches": (0, (0, 2, 3, 4, 8, 16)),
           "prefill_chunk": (1024, (16, 32, 64, 128, 256, 512, 1024, 2048, 4096))}
-# `gemm_tiles:` {family: "BMxBN"}: the block tile (token rows x output channels) of each prefill GEMM
-# family (dtf/gemm.cuh); a family the spec does not name gets GEMM_TILE_DEFAULT.
-GEMM_TILE_DEFAULT = (128, 64)
+# `gemm_tiles:` {family: "BMxBN" or "BMxBN/S"}: the block tile (token rows x output channels) of each
+# prefill GEMM family (dtf/gemm.cuh) and how many blocks split its K (S, a thread-block cluster; wgmma
+# devices); a family the spec does not name gets GEMM_TILE_DEFAULT, (BM, BN, S).
+GEMM_TILE_DEFAULT = (128, 64, 1)
 # Symbols of a run that no config.json holds, usable in the model spec's expressions: `chunk`, the rows
 # the prefill buffers hold (the device's prefill_chunk, capped to the run's context), in buffer shapes;
 # `tokens`, the prompt rows one prefill launch processes (1..chunk), in prefill_step arguments.
@@ -609,22 +610,26 @@ def load_device(path: Path) -> Device:
                   {**{k: tuning.get(k, default) for k, (default, _) in TUNING.items()}, "gemm_tiles": tiles}, src)
 
 
-def _gemm_tiles(src: Source, d: dict, given: dict) -> dict[str, tuple[int, int]]:
-    """Every prefill GEMM family's tile: the spec's (each "BMxBN" one that dtf/gemm.cuh implements, whose
-    stages fit the device's shared memory; 128x256 only on the wgmma path) or the default."""
+def _gemm_tiles(src: Source, d: dict, given: dict) -> dict[str, tuple[int, int, int]]:
+    """Every prefill GEMM family's (BM, BN, S): the spec's (a "BMxBN" tile that dtf/gemm.cuh implements,
+    whose stages fit the device's shared memory, 128x256 only on the wgmma path; "/S" splits K over a
+    cluster of S blocks, wgmma devices only) or the default."""
     families = [f.template for f in FAMILIES.values() if f.smem_bytes == "{gemm_smem}"]
     wgmma = bool(d["capabilities"].get("wgmma"))
     implemented = GEMM_TILES + (GEMM_WIDE_TILES if wgmma else ())
+    splits = GEMM_SPLITS if wgmma else (1,)
     out = {}
     for fam in families:
-        text = given.get(fam, "x".join(map(str, GEMM_TILE_DEFAULT)))
-        m = re.fullmatch(r"(\d+)x(\d+)", text) if isinstance(text, str) else None
-        tile = (int(m.group(1)), int(m.group(2))) if m else None
-        if tile not in implemented:
-            wide = "" if wgmma else f" ({', '.join(f'{a}x{b}' for a, b in GEMM_WIDE_TILES)} on a wgmma device)"
+        text = given.get(fam, "%dx%d" % GEMM_TILE_DEFAULT[:2])
+        m = re.fullmatch(r"(\d+)x(\d+)(?:/(\d+))?", text) if isinstance(text, str) else None
+        tile = (int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)) if m else None
+        if tile is None or tile[:2] not in implemented or tile[2] not in splits:
+            wide = "" if wgmma else f" ({', '.join(f'{a}x{b}' for a, b in GEMM_WIDE_TILES)} and a /S split on a wgmma device)"
             raise src.error(("tuning", "gemm_tiles", fam), text,
-                            "a tile BMxBN that dtf/gemm.cuh implements: " + ", ".join(f"{a}x{b}" for a, b in implemented) + wide)
-        need = max(gemm_smem_bytes(c, *tile, wgmma) for c in (2, 4))
+                            "a tile BMxBN that dtf/gemm.cuh implements: " + ", ".join(f"{a}x{b}" for a, b in implemented)
+                            + (", optionally /S splitting K over S blocks, S in " + ", ".join(map(str, splits[1:])) if wgmma else "")
+                            + wide)
+        need = max(gemm_smem_bytes(c, *tile[:2], wgmma) for c in (2, 4))
         if d["kind"] == "cuda" and need > d["capabilities"]["smem_per_block"]:
             raise src.error(("tuning", "gemm_tiles", fam), text, f"its stages take {need} bytes of shared memory, more than "
                             f"capabilities.smem_per_block ({d['capabilities']['smem_per_block']}); choose a smaller tile")

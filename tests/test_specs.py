@@ -296,6 +296,29 @@ def test_wgmma_needs_the_sm_90a_target(specs_dir, capsys, spec, arch_edit):
     assert_spec_error(*run_cli(specs_dir, capsys), f, line, "capabilities.wgmma", f"wgmma needs arch sm_90a; this device has arch {arch}")
 
 
+@pytest.mark.parametrize("spec, tiles, family, message", [
+    ("devices/h100.yaml", "{gemm_swiglu: 128x96}", "gemm_swiglu", "'128x96'; a tile BMxBN that dtf/gemm.cuh implements: 128x128, 128x64, 64x64, 128x256"),
+    ("devices/h100.yaml", "{gemm_swiglu: 128x256/3}", "gemm_swiglu", "optionally /S splitting K over S blocks, S in 2, 4, 8"),
+    ("devices/a100.yaml", "{gemm_residual: 128x256}", "gemm_residual", "(128x256 and a /S split on a wgmma device)"),
+    ("devices/a100.yaml", "{gemm_residual: 128x64/2}", "gemm_residual", "(128x256 and a /S split on a wgmma device)"),
+    ("devices/h100.yaml", "{gemm_swiglu: 128x256, gemv: 128x64}", "gemv", "unknown GEMM family; allowed: gemm, gemm_residual"),
+    ("devices/t4.yaml", "{gemm: 128x128}", "gemm", "more than capabilities.smem_per_block (65536)"),
+])
+def test_gemm_tiles_are_validated(specs_dir, capsys, spec, tiles, family, message):
+    """Each prefill GEMM family's tile reaches the generated C (its BM x BN, its cluster's K split) and the
+    launch (grid, shared memory): only tiles dtf/gemm.cuh implements pass, wide tiles and K splits only on
+    wgmma devices, and only where the stages fit the device's shared memory."""
+    f = specs_dir / spec
+    text = f.read_text()
+    if "gemm_tiles:" in text:
+        text = re.sub(r"  gemm_tiles: \{.*\}\n", f"  gemm_tiles: {tiles}\n", text)
+    else:
+        text = text.replace("tuning:\n", f"tuning:\n  gemm_tiles: {tiles}\n") if "tuning:" in text else text + f"tuning:\n  gemm_tiles: {tiles}\n"
+    f.write_text(text)
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if l.strip().startswith("gemm_tiles:"))
+    assert_spec_error(*run_cli(specs_dir, capsys), f, line, f"tuning.gemm_tiles.{family}", message)
+
+
 def test_op_dependents_is_validated(specs_dir, capsys):
     """`dependents` picks where the generated kernel lets the next launch start; only the listed values pass."""
     f = specs_dir / "models/llama.yaml"

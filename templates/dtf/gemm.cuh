@@ -13,6 +13,7 @@
 #define DTF_GEMM_WGMMA 0
 #endif
 #if DTF_GEMM_WGMMA
+#include <cooperative_groups.h>
 #include "wgmma.cuh"
 #endif
 
@@ -415,6 +416,40 @@ __device__ __forceinline__ float* gemm_wg(XRow x_row, WRow w_row, int K, unsigne
   __syncthreads();
   return c;
 }
+
+// ---- split K over a thread-block cluster (sm_90) ------------------------------------------------
+// The S blocks of a cluster (__cluster_dims__(S, 1, 1): consecutive blockIdx.x) compute one output
+// tile, block r summing the k chunks [r nk / S, (r + 1) nk / S) into its C tile (gemm_split_k gives the
+// range). Then block r owns rows [r BM / S, (r + 1) BM / S): it adds the S blocks' f32 partials of
+// those rows in rank order (0 + p0 + p1 + ...: the same sum whichever block finished first), read
+// through distributed shared memory, into its own C tile, for its epilogue. The caller ends with
+// gemm_cluster_done(), so no block leaves while another still reads its tile.
+__device__ __forceinline__ int gemm_split_k(int K, int r, int S, int& k1) {
+  const int nk = (K + GEMM_WG_BK - 1) / GEMM_WG_BK;
+  k1 = min(K, (r + 1) * nk / S * GEMM_WG_BK);
+  return r * nk / S * GEMM_WG_BK;
+}
+template <int BM, int BN, int S> __device__ __forceinline__ void gemm_cluster_reduce(float* c, int r) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();   // every block's partial is in its C tile
+  constexpr int LDC = gemm_ldc<BN>(), ROWS = BM / S;
+  const float* part[S];
+#pragma unroll
+  for (int q = 0; q < S; ++q) part[q] = cluster.map_shared_rank(c, q);
+  for (int e = threadIdx.x * 4; e < ROWS * BN; e += GEMM_THREADS * 4) {
+    const int at = (r * ROWS + e / BN) * LDC + e % BN;
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int q = 0; q < S; ++q) {
+      const float4 v = *reinterpret_cast<const float4*>(part[q] + at);
+      sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+    }
+    *reinterpret_cast<float4*>(c + at) = sum;
+  }
+  __syncthreads();
+}
+__device__ __forceinline__ void gemm_cluster_done() { cooperative_groups::this_cluster().sync(); }
 #endif
 
 // ---- SIMT path (CT = f32, or f16 / bf16 below sm_80) -------------------------------------------
