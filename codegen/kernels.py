@@ -124,11 +124,11 @@ GEMM_TILES = ((128, 128), (128, 64), (64, 64))   # (gemm_bm, gemm_bn) tiles dtf/
 GEMM_WIDE_TILES = ((128, 256),)                   # ... and on its wgmma path only
 GEMM_SPLITS = (1, 2, 4, 8)   # blocks (a cluster, wgmma path) that split one tile's K, then reduce through DSMEM
 GEMM_STAGES, GEMM_BK, GEMM_SIMT_BK = 4, 32, 16   # its pipeline: stages of BK k (tensor cores), 2 of SIMT_BK (SIMT)
-GEMM_WG_BK, GEMM_WG_ALIGN, GEMM_WG_SMEM, GEMM_WG_MAX_STAGES = 64, 1024, 232448, 8   # the wgmma path's (sm_90a)
+GEMM_WG_BK, GEMM_WG_ALIGN, GEMM_WG_SMEM, GEMM_WG_MAX_STAGES = 64, 1024, 232448, 4   # the wgmma path's (sm_90a)
 
 
 def gemm_wg_stages(bm: int, bn: int) -> int:
-    """dtf/gemm.cuh's wgmma stages for a tile: as many as fit an sm_90 block (at most 8)."""
+    """dtf/gemm.cuh's wgmma stages for a tile: as many as fit an sm_90 block (at most 4)."""
     return min((GEMM_WG_SMEM - GEMM_WG_ALIGN) // ((bm + bn) * GEMM_WG_BK * 2), GEMM_WG_MAX_STAGES)
 
 

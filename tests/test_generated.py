@@ -70,7 +70,7 @@ def test_kernel_names_spell_every_dtype_and_are_unique():
             continue
         cu = (GENERATED / plan.target / "kernels.cu").read_text()
         # entry point -> (its signature, the body it calls, the arguments it passes)
-        defined = {m[0]: m[1:] for m in re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)'
+        defined = {m[0]: m[1:] for m in re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) |__cluster_dims__\([^)]*\) )?(\w+)'
                                                    r'\((.*?)\) \{\n  (\w+)_body\((.*?)\);\n\}', cu, re.S)}
         n_defined = len(re.findall(r'extern "C" __global__', cu))
         entries = [(k, n) for k in plan.kernels.values() for n in [k.name] + [f"{k.name}_{v.suffix}" for v in k.family.variants]]

@@ -28,10 +28,10 @@ constexpr int GEMM_THREADS = 256;    // the block size every caller launches wit
 constexpr int GEMM_BK = 32, GEMM_STAGES = DTF_GEMM_STAGES;   // BK 64: the register-staged paths spill at 128
 constexpr int GEMM_SIMT_BK = 16;     // SIMT path: k per stage, two f32 stages (128 x 64: 24 KiB)
 // The wgmma path's stages, 64 k each (one 128-byte swizzle row): (BM + BN) * 128 bytes a stage, as many
-// as fit an sm_90 block's 227 KiB (at most 8): one block an SM, whose loads are then the SM's only ones
-// in flight, so they are as deep as the shared memory allows (128 x 64: 8 stages, 128 x 256: 4).
+// as fit an sm_90 block's 227 KiB, at most 4 (measured on the H100 against 3; deeper is unmeasured):
+// 128 x 256 takes 192 KiB (one block an SM), 128 x 64 96 KiB (two).
 constexpr int GEMM_WG_BK = 64, GEMM_WG_ALIGN = 1024;   // the 128-byte swizzle's atom: the stages' alignment
-constexpr int GEMM_WG_SMEM = 232448, GEMM_WG_MAX_STAGES = 8;
+constexpr int GEMM_WG_SMEM = 232448, GEMM_WG_MAX_STAGES = 4;
 template <int BM, int BN> __host__ __device__ constexpr int gemm_wg_stages() {
   return (GEMM_WG_SMEM - GEMM_WG_ALIGN) / ((BM + BN) * GEMM_WG_BK * 2) < GEMM_WG_MAX_STAGES
              ? (GEMM_WG_SMEM - GEMM_WG_ALIGN) / ((BM + BN) * GEMM_WG_BK * 2) : GEMM_WG_MAX_STAGES;
