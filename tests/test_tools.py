@@ -44,10 +44,13 @@ def test_every_gpu_probe_builds_against_the_current_generated_kernels(tmp_path: 
     is in their header) and must build here, host and device code, so they are ready for the next GPU run."""
     probes = sorted((ROOT / "tools").glob("*.cu"))
     assert probes
-    for probe in probes:
-        done = subprocess.run(["nvcc", "-O3", "-arch=sm_90", "-std=c++17", "-o", str(tmp_path / probe.stem), str(probe)],
+    # gemm_check.cu (the prefill GEMM mainloop alone) also builds its Hopper wgmma path
+    builds = [(p, ["-arch=sm_90"]) for p in probes] + [
+        (ROOT / "tools" / "gemm_check.cu", ["-gencode=arch=compute_90a,code=sm_90a", "-DDTF_GEMM_WGMMA=1"])]
+    for probe, arch in builds:
+        done = subprocess.run(["nvcc", "-O3", *arch, "-std=c++17", "-Itemplates", "-o", str(tmp_path / probe.stem), str(probe)],
                               capture_output=True, text=True, cwd=ROOT)
-        assert done.returncode == 0, f"{probe.name}: {done.stderr[-2000:]}"
+        assert done.returncode == 0, f"{probe.name} {arch}: {done.stderr[-2000:]}"
 
 
 def test_every_python_gpu_tool_imports_against_the_current_runtime() -> None:
