@@ -117,3 +117,37 @@ def test_launch_sizes_mirror_the_device_headers(tmp_path, wgmma):
     assert len(gemm) == 2 * len(tiles_made) and len(attn) == 256
     assert [(c, m, n, gemm_smem_bytes(c, m, n, bool(wgmma))) for c, m, n, _ in gemm] == gemm
     assert [(hd, eb, prefill_attn_smem(hd, eb)) for hd, eb, _ in attn] == attn
+
+
+@pytest.mark.compile
+def test_a_cluster_split_tile_renders_launches_and_compiles(tmp_path):
+    """A device spec asking for a K split (`gemm_tiles: {gemm_residual: 128x256/4}`) reaches the three
+    places that must agree: the launch (grid four blocks a tile, the 128x256 tile's wgmma stages as
+    shared memory), the entry points (a 4-block cluster), and sm_90a code that ptxas accepts; no spec
+    ships a split, so only this test builds one."""
+    import shutil
+
+    from dtypeforge.codegen.contract import load_manifest
+    from dtypeforge.codegen.kernels import gemm_smem_bytes
+    from dtypeforge.codegen.plan import resolve
+    from dtypeforge.codegen.render import render
+    from dtypeforge.codegen.specs import load_specs
+    from dtypeforge.runtime.binding import shape_defines
+    specs_dir = shutil.copytree(GENERATED.parent / "specs", tmp_path / "specs")
+    dev = specs_dir / "devices" / "h100.yaml"
+    dev.write_text(re.sub(r"gemm_residual: \w+", "gemm_residual: 128x256/4", dev.read_text()))
+    files = render(resolve(load_specs(specs_dir), "h100", "f16", "fused"))
+    manifest = load_manifest(json.loads(files["manifest.json"]), "manifest.json")
+    residual = [l for l in manifest.prefill_step if l.kernel.startswith("gemm_residual_")]
+    assert len(residual) == 2   # o-proj and down
+    for launch in residual:
+        env = {"m": 512, "rows": 2048}
+        assert evaluate(launch.grid, env) == 4 * 8 * 4, launch.grid   # 4 row tiles x 8 column tiles x 4 blocks
+        assert evaluate(launch.smem, env) == gemm_smem_bytes(2, 128, 256, True)
+    cu = tmp_path / "kernels.cu"
+    cu.write_text(files["kernels.cu"])
+    entries = re.findall(r'extern "C" __global__ void (__cluster_dims__\(4, 1, 1\) )?(gemm_residual_\w+)\(', files["kernels.cu"])
+    assert entries and all(cluster for cluster, _ in entries), entries
+    defines = shape_defines(manifest, model_env(manifest, hf_config("llama-3.2-1b"), "llama-3.2-1b"))
+    cubin = compile_cubin(cu, "sm_90a", tmp_path / "k.cubin", options=defines)
+    assert all(name.encode() in cubin.read_bytes() for _, name in entries)
