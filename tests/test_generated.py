@@ -195,7 +195,7 @@ def test_device_tuning_reaches_the_kernels_and_compiles(tmp_path):
     assert "#define DTF_L2_PREFETCH_KIB 0\n" in (GENERATED / "llama.h200.f16.fused" / "kernels.cu").read_text()
     assert "#define DTF_GEMV_ROTATE_BATCHES 0\n" in cu.read_text()   # h100's default; h200 rotates rows of 4+ batches
     assert "#define DTF_GEMV_ROTATE_BATCHES 4\n" in (GENERATED / "llama.h200.f16.fused" / "kernels.cu").read_text()
-    assert compile_cubin(cu, "sm_90").stat().st_size > 0
+    assert compile_cubin(cu, "sm_90a").stat().st_size > 0
 
 
 def test_attention_workspace_and_grid_grow_with_the_context(tmp_path):

@@ -36,7 +36,7 @@ def _build(args):
     import importlib
     from dtypeforge.runtime import cuda
     importlib.reload(cuda)
-    return str(cuda.cached_cubin(Path(src), "sm_90", progress=False))
+    return str(cuda.cached_cubin(Path(src), "sm_90a", progress=False))
 
 
 @pytest.mark.compile
@@ -121,8 +121,8 @@ def test_traced_kernels_build_and_export_the_timeline(tmp_path):
     and exports the buffers the runtime reads by name; without it, no trace symbol is left."""
     from dtypeforge.codegen.compile import compile_cubin
     cu = GENERATED / "llama.h200.f16.fused" / "kernels.cu"
-    traced = compile_cubin(cu, "sm_90", tmp_path / "traced.cubin", options=("-DDTF_TRACE",)).read_bytes()
-    plain = compile_cubin(cu, "sm_90", tmp_path / "plain.cubin", options=()).read_bytes()
+    traced = compile_cubin(cu, "sm_90a", tmp_path / "traced.cubin", options=("-DDTF_TRACE",)).read_bytes()
+    plain = compile_cubin(cu, "sm_90a", tmp_path / "plain.cubin", options=()).read_bytes()
     for sym in (b"dtf_trace\0", b"dtf_trace_started\0", b"dtf_trace_ended\0", b"dtf_trace_blocks_done\0"):
         assert sym in traced and sym not in plain
     assert b"globaltimer" not in plain
