@@ -11,22 +11,13 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from . import expr
+from .contract import RoleDTypes   # a role's dtypes: the record the manifest carries
 from .dtypes import DTYPES, DType
 from .kernels import C_DECL, FAMILIES, tuned_sizes, INDEX_KINDS, PREFETCH, PTR_KINDS, WORKSPACE, KernelFamily, field_short
 from .specs import GEMM_TILE_DEFAULT, Device, ModelSpec, Policy, Specs, check_runs_on
 from .yamlsrc import SpecError
 
 INDEX = "index"
-
-
-@dataclass(frozen=True)
-class RoleDTypes:
-    storage: str
-    compute: str | None = None
-    accumulate: str | None = None
-    output: str | None = None
-    quant: str | None = None
-    scale: str | None = None
 
 
 @dataclass

@@ -5,6 +5,8 @@ sorted where order is not meaningful, so `codegen build --check` can compare byt
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 from pathlib import Path
@@ -74,7 +76,7 @@ def manifest(plan: Plan, digest: str) -> dict:
         "rope": {"theta": m.rope.theta, "keys": list(m.rope.keys), "types": {t: list(ps) for t, ps in m.rope.types.items()}},
         "gate": {k: {"values": list(g.values), **({"or_at_least": g.or_at_least} if g.or_at_least else {})}
                  for k, g in m.gate.items()},
-        "roles": {r: {f: v for f, v in vars(rd).items() if v is not None} for r, rd in plan.roles.items()},
+        "roles": {r: {f: v for f, v in dataclasses.asdict(rd).items() if v is not None} for r, rd in plan.roles.items()},
         "buffers": [{"name": b.name, "dtype": b.dtype, "shape": b.shape} for b in plan.buffers.values()],
         "weights": [
             {"name": w.name, "role": w.role, "dtype": w.storage, "shape": w.shape, "per_layer": w.per_layer,
