@@ -83,6 +83,14 @@ def check_gpu_runs(manifest: Manifest, gpu: str, major: int, minor: int) -> None
             f"(`codegen list` shows each spec's arch)")
 
 
+def compile_arch(manifest: Manifest, major: int, minor: int) -> str:
+    """The arch a target's kernels are built for on an sm_{major}{minor} GPU: the GPU's own, so ptxas
+    tunes for it, except a target generated for an arch-specific spec (sm_90a: wgmma), whose kernels
+    build only for that exact arch (``check_gpu_runs`` has refused it on any other GPU)."""
+    number, suffix = ARCH_RE.match(manifest.arch).groups()
+    return manifest.arch if suffix else f"sm_{major}{minor}"
+
+
 def cached_cubin(source: Path, arch: str, options=COMPILE_OPTIONS, progress: bool = True, what: str = "") -> Path:
     """Compile ``source`` for ``arch`` once; later calls (any process) reuse the cubin."""
     text = source.read_bytes() + b"".join(h.read_bytes() for h in header_files())   # what the compile reads
@@ -248,6 +256,7 @@ class CudaBackend:
     def __init__(self, target, packed, *, use_graph: bool = True, progress: bool = True,
                  options: tuple[str, ...] = COMPILE_OPTIONS, shaped: bool = True):
         drv = self.drv = _driver()
+        self.ctx, self.graph, self._prefill_graphs, self.alloc = None, None, {}, {}   # what close() releases
         self.manifest, self.env = target.manifest, packed.env
         dev = drv.Device(0)
         major, minor = dev.compute_capability()
@@ -255,7 +264,7 @@ class CudaBackend:
         self.ctx = dev.retain_primary_context()
         self.ctx.push()
         atexit.register(self.close)
-        self.arch = f"sm_{major}{minor}"
+        self.arch = compile_arch(target.manifest, major, minor)
         table = buffer_table(self.manifest, self.env, packed.arrays)
         self.launches: list[BoundLaunch] = bind(self.manifest, self.env, table)   # checks before any allocation
         # the prefill step at its largest block: checked now too, and its kernels' scratch sized

@@ -202,6 +202,16 @@ def test_cuda_backend_refuses_a_target_the_gpu_cannot_run(target, cc, refusal):
             check_gpu_runs(manifest, "NVIDIA GPU", *cc)
 
 
+@pytest.mark.parametrize("target, cc, arch", [
+    ("llama.a100.f16.fused", (9, 0), "sm_90"), ("llama.a100.f16.fused", (8, 6), "sm_86"),
+    ("llama.h100.f16.fused", (9, 0), "sm_90a"), ("llama.m40.f16-storage-f32-compute.separate", (6, 1), "sm_61")])
+def test_cuda_backend_builds_for_the_gpu_or_for_an_arch_specific_target(target, cc, arch):
+    """Kernels are built for the GPU's own arch, except an arch-specific target's (sm_90a), whose
+    wgmma code the compiler refuses for plain sm_90: the backend must build it for sm_90a."""
+    from dtypeforge.runtime.cuda import compile_arch
+    assert compile_arch(load_target(GENERATED / target).manifest, *cc) == arch
+
+
 def test_launch_attribute_carries_every_byte_of_its_value():
     """cuLaunchKernelEx reads each attribute as {id, pad, 64-byte value}. A value with zero bytes
     before its end (a cluster's (x, 1, 1)) must arrive whole: a c_char array field stopped copying at
