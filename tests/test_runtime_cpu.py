@@ -212,6 +212,50 @@ def test_cuda_backend_builds_for_the_gpu_or_for_an_arch_specific_target(target, 
     assert compile_arch(load_target(GENERATED / target).manifest, *cc) == arch
 
 
+def test_cuda_backend_compiles_for_the_targets_arch_and_releases_the_context_when_it_fails(tmp_path, monkeypatch):
+    """The backend's own wiring, on a fake driver: an sm_90a target on an sm_90 GPU is compiled for
+    sm_90a, and a compile that fails leaves no context pushed (PyCUDA aborts the process at exit when
+    one is) and no second error from the cleanup that runs at exit."""
+    from dtypeforge.codegen.compile import CompileError
+    from dtypeforge.runtime import cuda
+    from dtypeforge.runtime.loader import pack_weights
+
+    class Ctx:
+        depth = 0
+        def push(self): Ctx.depth += 1
+        def pop(self): Ctx.depth -= 1
+
+    class GPU:
+        def __init__(self, i): pass
+        def compute_capability(self): return 9, 0
+        def name(self): return "NVIDIA H100 80GB HBM3"
+        def retain_primary_context(self): return Ctx()
+
+    class Driver:
+        Device = GPU
+        def mem_get_info(self): return 2**36, 2**36
+
+    built = []
+    def cached_cubin(source, arch, options, **kw):
+        built.append(arch)
+        raise CompileError("nvcc failed")
+
+    registered = []
+    monkeypatch.setattr(cuda, "_driver", Driver)
+    monkeypatch.setattr(cuda, "cached_cubin", cached_cubin)
+    monkeypatch.setattr(cuda.atexit, "register", registered.append)
+    target = load_target(GENERATED / "llama.h100.f16.fused")
+    packed = pack_weights(target, write_synthetic_model(tmp_path / "tiny", shape="tiny"), max_seq=64, progress=False)
+    with pytest.raises(CompileError):
+        cuda.CudaBackend(target, packed, progress=False)
+    close = [f for f in registered if getattr(f, "__func__", None) is cuda.CudaBackend.close]
+    assert built == ["sm_90a"] and Ctx.depth == 1 and len(close) == 1
+    close[0]()                         # the exit-time cleanup
+    assert Ctx.depth == 0
+    close[0]()                         # idempotent
+    assert Ctx.depth == 0
+
+
 def test_launch_attribute_carries_every_byte_of_its_value():
     """cuLaunchKernelEx reads each attribute as {id, pad, 64-byte value}. A value with zero bytes
     before its end (a cluster's (x, 1, 1)) must arrive whole: a c_char array field stopped copying at
