@@ -13,6 +13,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dtypeforge.runtime.gguf_import import default_gguf_path, import_gguf
@@ -59,3 +60,30 @@ def smollm2_dir() -> Path:
 def smollm2_goldens() -> dict:
     """Greedy decoding, prompt ids and a weight fingerprint recorded by transformers (make_goldens.py)."""
     return json.loads((Path(__file__).resolve().parent / "goldens" / "smollm2_f32_greedy.json").read_text(encoding="utf-8"))
+
+
+def write_gguf(path: Path, kv: dict, tokens: list[str], types: list[int], merges: list[str],
+               tensors: dict[str, np.ndarray]) -> Path:
+    """A llama GGUF with gguf-py's writer; `kv` values typed by their Python type."""
+    from gguf import GGUFWriter
+    writer = GGUFWriter(path, "llama")
+    for key, value in kv.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, t in tensors.items():
+        writer.add_tensor(name, t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

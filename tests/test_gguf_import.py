@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_gguf
 from gguf import GGUFWriter
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -244,32 +245,6 @@ TRICKY = [
     "price: $1,000,000.00 (approx.)", "Zürich naïve café — 日本語 🙂 ١٢٣٤٥ x²", "<<>>!!??...\n\n", "x=[1,\n    2]", "ÀÉÎ 123abc abc123",
     "The quick brown fox jumped over 42 lazy dogs.", f"{EOT} special {BOS}in text",
 ]
-
-
-def write_gguf(path: Path, kv: dict, tokens: list[str], types: list[int], merges: list[str],
-               tensors: dict[str, np.ndarray]) -> Path:
-    """A llama GGUF with gguf-py's writer; `kv` values typed by their Python type."""
-    writer = GGUFWriter(path, "llama")
-    for key, value in kv.items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_uint32(key, value)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for name, t in tensors.items():
-        writer.add_tensor(name, t)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def llama_kv(hidden: int, heads: int, kv_heads: int, layers: int, ffn: int, theta: float, context: int = 1024) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGUFWriter
+from conftest import write_gguf
 
 from dtypeforge.codegen import build as B
 from dtypeforge.cli import main
@@ -251,33 +251,11 @@ def test_failed_write_probe_is_refused_before_writing(tmp_path, monkeypatch, cap
 
 def tiny_llama_gguf(path: Path, kv: dict | None = None, extra_tensors: dict | None = None) -> Path:
     """A minimal Llama GGUF the importer accepts: 4 tokens, 8 wide, no layers."""
-    writer = GGUFWriter(path, "llama")
-    writer.add_uint32("llama.embedding_length", 8)
-    writer.add_uint32("llama.attention.head_count", 2)
-    writer.add_uint32("llama.feed_forward_length", 16)
-    writer.add_uint32("llama.block_count", 0)
-    writer.add_uint32("llama.context_length", 64)
-    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(["a", "b", "ab", "<s>"])
-    writer.add_token_types([1, 1, 1, 3])
-    writer.add_token_merges(["a b"])
-    for key, value in (kv or {}).items():
-        if isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_uint32(key, value)
-    writer.add_tensor("token_embd.weight", np.arange(32, dtype=np.float32).reshape(4, 8))
-    writer.add_tensor("output_norm.weight", np.ones(8, np.float32))
-    for name, t in (extra_tensors or {}).items():
-        writer.add_tensor(name, t)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    base = {"llama.embedding_length": 8, "llama.attention.head_count": 2, "llama.feed_forward_length": 16,
+            "llama.block_count": 0, "llama.context_length": 64, "llama.attention.layer_norm_rms_epsilon": 1e-5}
+    tensors = {"token_embd.weight": np.arange(32, dtype=np.float32).reshape(4, 8),
+               "output_norm.weight": np.ones(8, np.float32), **(extra_tensors or {})}
+    return write_gguf(path, {**base, **(kv or {})}, ["a", "b", "ab", "<s>"], [1, 1, 1, 3], ["a b"], tensors)
 
 
 def leftovers(parent: Path, out: Path) -> list[str]:
