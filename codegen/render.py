@@ -6,7 +6,6 @@ sorted where order is not meaningful, so `codegen build --check` can compare byt
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 from pathlib import Path

@@ -87,7 +87,7 @@ def compile_arch(manifest: Manifest, major: int, minor: int) -> str:
     """The arch a target's kernels are built for on an sm_{major}{minor} GPU: the GPU's own, so ptxas
     tunes for it, except a target generated for an arch-specific spec (sm_90a: wgmma), whose kernels
     build only for that exact arch (``check_gpu_runs`` has refused it on any other GPU)."""
-    number, suffix = ARCH_RE.match(manifest.arch).groups()
+    _, suffix = ARCH_RE.match(manifest.arch).groups()
     return manifest.arch if suffix else f"sm_{major}{minor}"
 
 
